@@ -1,0 +1,1 @@
+"""Subcommands of the `latent` CLI, one module each."""

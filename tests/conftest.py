@@ -1,0 +1,47 @@
+"""Shared fixtures: an isolated data folder per test session, the default model, markers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct as the Makefile fetched it (GGUF Q4_1 or an HF folder)."""
+    from engine.defaults import ensure_default_model
+
+    return ensure_default_model(progress=lambda *a: None)
+
+
+@pytest.fixture()
+def latent_home(tmp_path, monkeypatch) -> Path:
+    """A private LATENT_HOME for one test (settings, chats, adapters, runs)."""
+    home = tmp_path / "latent-home"
+    home.mkdir()
+    monkeypatch.setenv("LATENT_HOME", str(home))
+    return home
+
+
+def pytest_collection_modifyitems(config, items):
+    import mlx.core as mx
+
+    has_metal = mx.metal.is_available()
+    try:
+        has_cuda = bool(mx.cuda.is_available())
+    except Exception:
+        has_cuda = False
+    for item in items:
+        if "metal" in item.keywords and not has_metal:
+            item.add_marker(pytest.mark.skip(reason="needs Apple Metal"))
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with mlx-cuda"))
+
+
+def has_tool(name: str) -> bool:
+    return shutil.which(name) is not None
