@@ -1,0 +1,109 @@
+"""Per-layer attention caches.
+
+`KVCache` keeps keys and values in pre-allocated (B, H, S, D) buffers grown in steps of 256
+positions, so decoding does not reallocate every token. Every cache reports `offset` (tokens
+held), `nbytes` (bytes allocated), `bytes_per_token`, can `trim(n)` its newest tokens, and
+exposes `state`/`meta_state` so a prompt cache can save and restore it.
+
+Other cache kinds (the MLA `LatentCache`, quantized caches) are appended below by their owners
+with the same interface. This module knows nothing about models or positions.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Keys/values of one attention layer: (B, H_kv, S, D_k) and (B, H_kv, S, D_v)."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def _grow(self, k: mx.array, v: mx.array, needed: int) -> None:
+        b, h, _, dk = k.shape
+        dv = v.shape[-1]
+        n_steps = (needed + self.step - 1) // self.step
+        size = n_steps * self.step
+        new_k = mx.zeros((b, h, size, dk), k.dtype)
+        new_v = mx.zeros((b, h, size, dv), v.dtype)
+        if self.keys is not None and self.offset > 0:
+            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = new_k, new_v
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append L new positions (B, H, L, D); return all held keys and values."""
+        n = keys.shape[2]
+        end = self.offset + n
+        if (
+            self.keys is None
+            or end > self.keys.shape[2]
+            or self.keys.shape[0] != keys.shape[0]
+            or self.keys.dtype != keys.dtype
+        ):
+            self._grow(keys, values, end)
+        self.keys[..., self.offset : end, :] = keys
+        self.values[..., self.offset : end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one more position costs (all batch rows), 0 until the first update."""
+        if self.keys is None:
+            return 0
+        b, h, _, dk = self.keys.shape
+        dv = self.values.shape[-1]
+        return b * h * (dk + dv) * self.keys.dtype.size
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the newest n positions; returns how many were dropped."""
+        n = max(0, min(self.offset, n))
+        self.offset -= n
+        return n
+
+    def empty(self) -> bool:
+        return self.keys is None or self.offset == 0
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | tuple:
+        if self.keys is None:
+            return ()
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, value) -> None:
+        if not value:
+            self.keys = self.values = None
+            self.offset = 0
+            return
+        self.keys, self.values = value
+        self.offset = self.keys.shape[2]
+
+    @property
+    def meta_state(self) -> tuple[str, ...]:
+        return (str(self.offset),)
+
+    @meta_state.setter
+    def meta_state(self, value) -> None:
+        # offset is implied by state; kept for symmetry with caches that carry more metadata
+        if value:
+            self.offset = int(value[0])
+
+
+def make_kv_caches(n_layers: int) -> list[KVCache]:
+    return [KVCache() for _ in range(n_layers)]
