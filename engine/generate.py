@@ -24,7 +24,13 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from engine.errors import ContextLengthError, LatentError
-from engine.sampling import LogitsProcessor, Sampler, SamplingParams, make_logits_processors, sampler_for
+from engine.sampling import (
+    LogitsProcessor,
+    Sampler,
+    SamplingParams,
+    make_logits_processors,
+    sampler_for,
+)
 
 DEFAULT_CONTEXT = 4096
 
@@ -87,10 +93,14 @@ def generate_step(
     but logits processors still see the whole prompt. At least one prompt token must be
     uncached (it is fed to produce the first logits).
     """
-    ids = mx.array(prompt_ids, dtype=mx.int32) if not isinstance(prompt_ids, mx.array) else prompt_ids
+    ids = (
+        mx.array(prompt_ids, dtype=mx.int32) if not isinstance(prompt_ids, mx.array) else prompt_ids
+    )
     n_total = ids.size
     if num_cached >= n_total:
-        raise ValueError(f"num_cached={num_cached} leaves no prompt token to feed (prompt has {n_total})")
+        raise ValueError(
+            f"num_cached={num_cached} leaves no prompt token to feed (prompt has {n_total})"
+        )
     sampler = sampler or _greedy
     procs = logits_processors or []
     history = ids
@@ -243,10 +253,14 @@ def stream_generate(
         raise ContextLengthError(
             f"prompt is {len(prompt_ids)} tokens but the model's context is {ctx} tokens"
         )
-    return _stream(loaded, prompt_ids, params, cancel, cache, num_cached, prefill_chunk, template_fallback, ctx)
+    return _stream(
+        loaded, prompt_ids, params, cancel, cache, num_cached, prefill_chunk, template_fallback, ctx
+    )
 
 
-def _stream(loaded, prompt_ids, params, cancel, cache, num_cached, prefill_chunk, template_fallback, ctx):
+def _stream(
+    loaded, prompt_ids, params, cancel, cache, num_cached, prefill_chunk, template_fallback, ctx
+):
     model = loaded.model
     tokenizer = loaded.tokenizer
     eos = eos_ids_for(loaded)

@@ -46,7 +46,11 @@ class SamplingParams:
 
 
 def filter_logits(
-    logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+    logits: mx.array,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> mx.array:
     """Scaled logits `(B, V)` with the tokens top-k/top-p/min-p rule out set to -inf.
 
@@ -121,7 +125,9 @@ def repetition_penalty_processor(penalty: float, context: int = 64) -> LogitsPro
     return apply
 
 
-def presence_frequency_processor(presence: float, frequency: float, context: int = 64) -> LogitsProcessor:
+def presence_frequency_processor(
+    presence: float, frequency: float, context: int = 64
+) -> LogitsProcessor:
     """OpenAI rule: logit[j] -= count[j]·frequency + (count[j] > 0)·presence over recent ids."""
 
     def apply(tokens: mx.array, logits: mx.array) -> mx.array:
@@ -153,7 +159,9 @@ def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
     if params.logit_bias:
         procs.append(logit_bias_processor(params.logit_bias))
     if params.repetition_penalty and params.repetition_penalty != 1.0:
-        procs.append(repetition_penalty_processor(params.repetition_penalty, params.repetition_context))
+        procs.append(
+            repetition_penalty_processor(params.repetition_penalty, params.repetition_context)
+        )
     if params.presence_penalty or params.frequency_penalty:
         procs.append(
             presence_frequency_processor(

@@ -57,9 +57,16 @@ def loaded():
     Model, Args = get_model_classes("llama")
     args = Args.from_dict(
         dict(
-            model_type="llama", hidden_size=48, num_hidden_layers=2, intermediate_size=96,
-            num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-            max_position_embeddings=CTX, rope_theta=10000.0, tie_word_embeddings=False,
+            model_type="llama",
+            hidden_size=48,
+            num_hidden_layers=2,
+            intermediate_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=CTX,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
         )
     )
     mx.random.seed(0)
@@ -90,13 +97,23 @@ def _run(loaded, prompt=PROMPT, **kw):
 
 def test_cached_decoding_matches_full_recompute(loaded):
     ref = _reference_greedy(loaded.model, PROMPT, 16)
-    got = [t for t, _ in generate_step(loaded.model, PROMPT, loaded.model.make_cache(), max_tokens=16)]
+    got = [
+        t for t, _ in generate_step(loaded.model, PROMPT, loaded.model.make_cache(), max_tokens=16)
+    ]
     assert got == ref
 
 
 def test_chunked_prefill_equals_one_pass(loaded):
-    a = list(generate_step(loaded.model, PROMPT, loaded.model.make_cache(), prefill_chunk=3, max_tokens=8))
-    b = list(generate_step(loaded.model, PROMPT, loaded.model.make_cache(), prefill_chunk=512, max_tokens=8))
+    a = list(
+        generate_step(
+            loaded.model, PROMPT, loaded.model.make_cache(), prefill_chunk=3, max_tokens=8
+        )
+    )
+    b = list(
+        generate_step(
+            loaded.model, PROMPT, loaded.model.make_cache(), prefill_chunk=512, max_tokens=8
+        )
+    )
     assert [t for t, _ in a] == [t for t, _ in b]
     for (_, la), (_, lb) in zip(a, b, strict=True):
         np.testing.assert_allclose(np.array(la), np.array(lb), atol=1e-4)
@@ -149,7 +166,11 @@ def test_max_tokens(loaded):
     events, toks, _ = _run(loaded, max_tokens=5)
     assert len(toks) == 5
     st = events[-1].stats
-    assert st.finish_reason == "length" and st.generated_tokens == 5 and st.prompt_tokens == len(PROMPT)
+    assert (
+        st.finish_reason == "length"
+        and st.generated_tokens == 5
+        and st.prompt_tokens == len(PROMPT)
+    )
 
 
 def test_context_limit(loaded):
@@ -173,7 +194,9 @@ def test_seed_determinism(loaded):
 def test_cancel_ends_within_one_token(loaded):
     flag = threading.Event()
     events = []
-    for ev in stream_generate(loaded, PROMPT, SamplingParams(temperature=0.0, max_tokens=50), cancel=flag):
+    for ev in stream_generate(
+        loaded, PROMPT, SamplingParams(temperature=0.0, max_tokens=50), cancel=flag
+    ):
         events.append(ev)
         if len(events) == 3:
             flag.set()
@@ -186,7 +209,9 @@ def test_prefix_reuse_matches_cold_run(loaded):
     cache = loaded.model.make_cache()
     first = [
         e.token_id
-        for e in stream_generate(loaded, PROMPT, SamplingParams(temperature=0.0, max_tokens=6), cache=cache)
+        for e in stream_generate(
+            loaded, PROMPT, SamplingParams(temperature=0.0, max_tokens=6), cache=cache
+        )
         if not e.done
     ]
     # Turn 2: the previous prompt + reply + new user tokens. The cache holds a prefix of it.
@@ -197,8 +222,11 @@ def test_prefix_reuse_matches_cold_run(loaded):
         c.trim(c.offset - len(PROMPT) - 4)
     warm = list(
         stream_generate(
-            loaded, turn2, SamplingParams(temperature=0.0, max_tokens=10),
-            cache=cache, num_cached=len(PROMPT) + 4,
+            loaded,
+            turn2,
+            SamplingParams(temperature=0.0, max_tokens=10),
+            cache=cache,
+            num_cached=len(PROMPT) + 4,
         )
     )
     cold = list(stream_generate(loaded, turn2, SamplingParams(temperature=0.0, max_tokens=10)))

@@ -103,7 +103,9 @@ def test_repetition_penalty_only_looks_at_context_window():
 def test_presence_frequency_penalty_matches_openai_definition():
     x = _logits(5, batch=1)
     seen = [3, 3, 3, 8, 50, 50]
-    ours = np.array(presence_frequency_processor(0.5, 0.25, context=64)(mx.array(seen), mx.array(x)))
+    ours = np.array(
+        presence_frequency_processor(0.5, 0.25, context=64)(mx.array(seen), mx.array(x))
+    )
     ref = x.astype(np.float64).copy()
     counts = np.bincount(seen, minlength=V)
     ref[0] -= counts * 0.25 + (counts > 0) * 0.5
@@ -112,7 +114,9 @@ def test_presence_frequency_penalty_matches_openai_definition():
 
 def test_logit_bias_adds_values():
     x = _logits(6, batch=1)
-    ours = np.array(logit_bias_processor({3: 5.0, 10: -100.0})(mx.array([], dtype=mx.int32), mx.array(x)))
+    ours = np.array(
+        logit_bias_processor({3: 5.0, 10: -100.0})(mx.array([], dtype=mx.int32), mx.array(x))
+    )
     ref = x.astype(np.float64).copy()
     ref[0, 3] += 5.0
     ref[0, 10] -= 100.0
