@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a real command line: re-exec once with OpenBLAS preloaded (engine/blas.py)
+        from engine.blas import maybe_reexec_with_openblas
+
+        maybe_reexec_with_openblas()
     from engine.errors import LatentError
 
     parser = build_parser()
