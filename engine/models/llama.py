@@ -15,7 +15,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.layers.attention import create_attention_mask, scaled_dot_product_attention
+from engine.layers.attention import (
+    create_attention_mask,
+    create_causal_mask,
+    scaled_dot_product_attention,
+)
 from engine.layers.mlp import SwiGLU
 from engine.layers.norm import RMSNorm
 from engine.layers.rope import make_rope
@@ -129,6 +133,10 @@ class LlamaModel(nn.Module):
             cache = [None] * len(self.layers)
         if mask is None:
             mask = create_attention_mask(h, cache[0], self._window)
+        elif self._window is not None and isinstance(mask, mx.array):
+            # a caller's padding mask still has to respect the sliding window
+            offset = cache[0].offset if cache[0] is not None else 0
+            mask = mask & create_causal_mask(h.shape[1], offset, window_size=self._window)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)
