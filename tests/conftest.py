@@ -11,6 +11,28 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
+def _hide_hub_kernels_from_transformers() -> None:
+    """Our top-level `kernels` package shadows Hugging Face's `kernels` (a transformers
+    dependency) when the repo root is on sys.path; transformers then fails importing names
+    from ours. Tell transformers the Hub kernels are absent (they are CUDA-only anyway)."""
+    try:
+        import transformers.utils.import_utils as iu
+    except Exception:
+        return
+    original = iu._is_package_available
+
+    def patched(name: str, return_version: bool = False):
+        if name == "kernels":
+            return (False, "N/A") if return_version else (False, None)
+        return original(name, return_version)
+
+    iu._is_package_available = patched
+    iu.is_kernels_available.cache_clear()
+
+
+_hide_hub_kernels_from_transformers()
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """SmolLM2-135M-Instruct as the Makefile fetched it (GGUF Q4_1 or an HF folder)."""
