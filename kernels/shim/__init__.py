@@ -1,0 +1,1 @@
+"""Metal bodies compiled as C++ on the CPU (see harness.py)."""
