@@ -58,7 +58,8 @@ def dtype_name(dtype: mx.Dtype) -> str:
 def cast_weights(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
     """Floating tensors to `dtype`; packed integer tensors (quantized weights) untouched."""
     return {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype
+        and not k.endswith(".weight_scale_inv") else v  # fp8 block scales stay float32
         for k, v in weights.items()
     }
 
