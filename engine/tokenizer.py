@@ -12,295 +12,35 @@ so (`add_bos_token` in `tokenizer_config.json` / GGUF, else the `tokenizer.json`
 EOS ids are the union of the tokenizer's, `config.json`'s and `generation_config.json`'s, UNK is the
 vocabulary's unknown piece where it has one, PAD falls back to EOS.
 
-This module knows nothing about models or generation; chat templates live in `chat_template.py`.
+The pipelines themselves are built in `vocab.py`, chat templates rendered in `chat_template.py`;
+this module knows nothing about models or generation.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, models
 from tokenizers import Tokenizer as _Backend
 
 from engine.chat_template import ChatTemplate, pick_template
 from engine.errors import TokenizerError
-
-# GGUF token types (llama.cpp's llama_token_type)
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-
-# Split regexes for byte-level vocabularies whose `tokenizer.ggml.pre` is not GPT-2's. Those not
-# listed (gpt2, smollm, starcoder, ...) use the GPT-2 pattern of `ByteLevel(use_regex=True)`,
-# as transformers does.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+from engine.vocab import (
+    BYTE,
+    NORMAL,
+    UNKNOWN,
+    add_typed_tokens,
+    byte_level_backend,
+    py_value,
+    read_gguf_metadata,
+    sentencepiece_backend,
+    sentencepiece_model_file,
 )
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_SPLITS = {
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
-    "falcon3": _LLAMA3_SPLIT,
-    "dbrx": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
-}
 
-
-# ---------------------------------------------------------------------------------------------
-# GGUF metadata (header only: the tensors are not touched)
-
-_GGUF_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_GGUF_NUMPY = {
-    0: "<u1",
-    1: "<i1",
-    2: "<u2",
-    3: "<i2",
-    4: "<u4",
-    5: "<i4",
-    6: "<f4",
-    7: "?",
-    10: "<u8",
-    11: "<i8",
-    12: "<f8",
-}
-
-
-def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file as Python values (numeric arrays as numpy)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            return _parse_gguf_kv(f, path)
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (struct.error, UnicodeDecodeError, ValueError) as e:
-        raise TokenizerError(f"{path}: GGUF metadata is corrupt or truncated ({e})") from None
-
-
-def _parse_gguf_kv(f: Any, path: Path) -> dict[str, Any]:
-    def read(fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        data = f.read(size)
-        if len(data) != size:
-            raise ValueError("unexpected end of file")
-        return struct.unpack(fmt, data)[0]
-
-    def read_str() -> str:
-        n = read("<Q")
-        data = f.read(n)
-        if len(data) != n:
-            raise ValueError("unexpected end of file")
-        return data.decode("utf-8")
-
-    def read_value(vtype: int) -> Any:
-        if vtype in _GGUF_SCALARS:
-            return read(_GGUF_SCALARS[vtype])
-        if vtype == 8:
-            return read_str()
-        if vtype == 9:
-            etype, n = read("<I"), read("<Q")
-            if etype in _GGUF_NUMPY:
-                dtype = np.dtype(_GGUF_NUMPY[etype])
-                data = f.read(dtype.itemsize * n)
-                if len(data) != dtype.itemsize * n:
-                    raise ValueError("unexpected end of file")
-                return np.frombuffer(data, dtype=dtype)
-            return [read_value(etype) for _ in range(n)]
-        raise ValueError(f"unknown metadata value type {vtype}")
-
-    if f.read(4) != b"GGUF":
-        raise TokenizerError(f"{path}: not a GGUF file (bad magic)")
-    version = read("<I")
-    if version < 2:
-        raise TokenizerError(f"{path}: GGUF version {version} is not supported")
-    read("<Q")  # tensor count
-    n_kv = read("<Q")
-    meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = read_str()
-        meta[key] = read_value(read("<I"))
-    return meta
-
-
-def _py(value: Any) -> Any:
-    """Metadata from `mx.load(..., return_metadata=True)` or our reader, as plain Python."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
-
-
-# ---------------------------------------------------------------------------------------------
-# Building `tokenizers` pipelines
-
-
-def _byte_level_backend(tokens: list[str], merges: list[str], pre: str | None) -> _Backend:
-    """Byte-level BPE (GPT-2 family): tokens are spelled in GPT-2's byte alphabet."""
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = _Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    split = _PRE_SPLITS.get(pre or "")
-    if split is None:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def _spm_merges(tokens: Sequence[str], scores: Sequence[float], mergeable: Sequence[bool]) -> list:
-    """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces,
-    ranked by the merged piece's score (best first), ties by longer left part, then longer right
-    part, then piece id (the order transformers' GGUF converter uses)."""
-    vocab = {t: i for i, t in enumerate(tokens) if mergeable[i]}
-    ranked = []
-    for piece, i in vocab.items():
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in vocab and right in vocab:
-                key = (-scores[i], -len(left), -len(right), i, vocab[left], vocab[right])
-                ranked.append((key, left, right))
-    ranked.sort(key=lambda r: r[0])
-    return [(left, right) for _, left, right in ranked]
-
-
-def _sentencepiece_backend(
-    tokens: list[str],
-    scores: list[float],
-    types: list[int],
-    *,
-    kind: str,
-    unk_id: int | None,
-    add_prefix_space: bool,
-    byte_fallback: bool,
-) -> _Backend:
-    """A SentencePiece vocabulary as a `tokenizers` pipeline (spaces become `▁`)."""
-    mergeable = [t in (_NORMAL, _USER_DEFINED) for t in types]
-    if kind == "unigram":
-        vocab = [
-            (tok, float(s) if mergeable[i] or types[i] == _UNKNOWN else -1e9)
-            for i, (tok, s) in enumerate(zip(tokens, scores))
-        ]
-        model = models.Unigram(vocab, unk_id=unk_id, byte_fallback=byte_fallback)
-    else:
-        vocab_ids = {tok: i for i, tok in enumerate(tokens)}
-        unk = tokens[unk_id] if unk_id is not None else None
-        model = models.BPE(
-            vocab=vocab_ids,
-            merges=_spm_merges(tokens, scores, mergeable),
-            unk_token=unk,
-            fuse_unk=True,
-            byte_fallback=byte_fallback,
-        )
-    backend = _Backend(model)
-    scheme = "first" if add_prefix_space else "never"
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme=scheme, split=False
-    )
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_prefix_space:
-        steps.append(decoders.Strip(content=" ", left=1))
-    backend.decoder = decoders.Sequence(steps)
-    return backend
-
-
-def _add_typed_tokens(backend: _Backend, tokens: list[str], types: list[int]) -> None:
-    """Control tokens become special added tokens (matched whole, skippable); user-defined
-    tokens plain added tokens (matched whole)."""
-    control = [
-        AddedToken(t, normalized=False, special=True)
-        for t, k in zip(tokens, types)
-        if k == _CONTROL
-    ]
-    if control:
-        backend.add_special_tokens(control)
-    user = [
-        AddedToken(t, normalized=False, special=False)
-        for t, k in zip(tokens, types)
-        if k == _USER_DEFINED
-    ]
-    if user:
-        backend.add_tokens(user)
-
-
-def _sentencepiece_model_file(path: Path) -> tuple[_Backend, dict[str, Any]]:
-    """`tokenizer.model`: pieces, scores and types read with the sentencepiece library."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as pb
-    except ImportError as e:  # pragma: no cover - sentencepiece is a runtime dependency
-        raise TokenizerError(
-            f"{path}: reading it needs the 'sentencepiece' package ({e})"
-        ) from None
-    proto = pb.ModelProto()
-    try:
-        proto.ParseFromString(path.read_bytes())
-    except Exception as e:
-        raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from None
-    if not proto.pieces:
-        raise TokenizerError(f"{path}: not a SentencePiece model (no pieces)")
-    # sentencepiece piece types: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
-    tokens = [p.piece for p in proto.pieces]
-    scores = [p.score for p in proto.pieces]
-    types = [p.type for p in proto.pieces]
-    model_type = proto.trainer_spec.model_type  # 1 unigram, 2 bpe
-    unk_id = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
-    norm = proto.normalizer_spec
-    backend = _sentencepiece_backend(
-        tokens,
-        scores,
-        types,
-        kind="unigram" if model_type == 1 else "bpe",
-        unk_id=unk_id,
-        add_prefix_space=norm.add_dummy_prefix,
-        byte_fallback=proto.trainer_spec.byte_fallback,
-    )
-    steps = []
-    if norm.precompiled_charsmap:
-        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
-    if norm.remove_extra_whitespaces:
-        steps += [
-            normalizers.Strip(left=True, right=True),
-            normalizers.Replace(Regex(" {2,}"), " "),
-        ]
-    if steps:
-        backend.normalizer = normalizers.Sequence(steps)
-    _add_typed_tokens(backend, tokens, types)
-    ts = proto.trainer_spec
-    specials = {
-        "bos_token": tokens[ts.bos_id] if 0 <= ts.bos_id < len(tokens) else None,
-        "eos_token": tokens[ts.eos_id] if 0 <= ts.eos_id < len(tokens) else None,
-        "unk_token": tokens[unk_id] if unk_id is not None else None,
-        "pad_token": tokens[ts.pad_id] if 0 <= ts.pad_id < len(tokens) else None,
-        # SentencePiece itself adds no BOS; Llama-style configs turn it on explicitly
-        "add_bos_token": True,
-    }
-    return backend, specials
+__all__ = ["Tokenizer", "StreamingDetokenizer", "read_gguf_metadata"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +89,8 @@ class Tokenizer:
         add_bos: bool,
         add_eos: bool = False,
         use_post_processor: bool = False,
+        eos_id: int | None = None,
+        sp_dummy_prefix: bool = False,
         chat_template: str | None = None,
         template_source: str = "chat template",
         name: str = "tokenizer",
@@ -357,12 +99,17 @@ class Tokenizer:
         self.name = name
         self.bos_id = bos_id
         self.eos_ids: set[int] = set(eos_ids)
+        # the EOS token proper (the one appended, and named in templates)
+        self.eos_id = eos_id if eos_id is not None else (min(eos_ids) if eos_ids else None)
         self.unk_id = unk_id
         self.pad_id = pad_id if pad_id is not None else (min(eos_ids) if eos_ids else None)
         self.add_bos = add_bos
         self.add_eos = add_eos
         # tokenizer.json's post-processor decides BOS/EOS when the config does not say
         self._use_post_processor = use_post_processor
+        # SentencePiece prepends "▁" to the text even when it starts with a space ("▁▁hi" for
+        # " hi"); Metaspace does not when the text already starts with one: we add that space
+        self._sp_dummy_prefix = sp_dummy_prefix
         if chat_template:
             self._template = ChatTemplate(chat_template, source=template_source)
         else:
@@ -404,21 +151,21 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: Mapping[str, Any], source: str = "GGUF") -> Tokenizer:
         def get(key: str, default: Any = None) -> Any:
             value = meta.get(f"tokenizer.{key}", default)
-            return _py(value)
+            return py_value(value)
 
         kind = get("ggml.model")
         tokens = get("ggml.tokens")
         if not tokens:
             raise TokenizerError(f"{source}: no 'tokenizer.ggml.tokens' in the GGUF metadata")
         tokens = list(tokens)
-        types = list(get("ggml.token_type") or [_NORMAL] * len(tokens))
+        types = list(get("ggml.token_type") or [NORMAL] * len(tokens))
         if kind == "gpt2":
             merges = get("ggml.merges")
             if not merges:
                 raise TokenizerError(
                     f"{source}: byte-level vocabulary without 'tokenizer.ggml.merges'"
                 )
-            backend = _byte_level_backend(tokens, list(merges), get("ggml.pre"))
+            backend = byte_level_backend(tokens, list(merges), get("ggml.pre"))
             add_bos_default = False
         elif kind == "llama":
             scores = get("ggml.scores")
@@ -426,32 +173,27 @@ class Tokenizer:
                 raise TokenizerError(
                     f"{source}: SentencePiece vocabulary without 'tokenizer.ggml.scores'"
                 )
-            unk = get("ggml.unknown_token_id")
-            if unk is None:
-                unk = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
-            backend = _sentencepiece_backend(
+            backend = sentencepiece_backend(
                 tokens,
                 list(scores),
                 types,
                 kind="bpe",
-                unk_id=unk,
+                unk_id=_gguf_unk(meta, types),
                 add_prefix_space=bool(get("ggml.add_space_prefix", True)),
-                byte_fallback=any(t == _BYTE for t in types),
+                byte_fallback=any(t == BYTE for t in types),
             )
             add_bos_default = True  # llama.cpp adds BOS to SentencePiece vocabularies by default
         else:
             raise TokenizerError(
                 f"{source}: tokenizer.ggml.model {kind!r} is not supported (gpt2, llama)"
             )
-        _add_typed_tokens(backend, tokens, types)
+        add_typed_tokens(backend, tokens, types)
 
         def token_id(key: str) -> int | None:
             value = get(key)
             return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
 
-        unk_id = token_id("ggml.unknown_token_id")
-        if unk_id is None:
-            unk_id = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
+        unk_id = _gguf_unk(meta, types)
         eos = token_id("ggml.eos_token_id")
         eot = token_id("ggml.eot_token_id")
         eos_ids = {i for i in (eos, eot) if i is not None}
@@ -465,6 +207,8 @@ class Tokenizer:
             pad_id=token_id("ggml.padding_token_id"),
             add_bos=bool(add_bos) if add_bos is not None else add_bos_default,
             add_eos=bool(add_eos) if add_eos is not None else False,
+            eos_id=eos,
+            sp_dummy_prefix=kind == "llama" and bool(get("ggml.add_space_prefix", True)),
             chat_template=get("chat_template"),
             template_source=f"{source}: tokenizer.chat_template",
             name=Path(source).name,
@@ -481,7 +225,7 @@ class Tokenizer:
                 raise TokenizerError(f"{folder / 'tokenizer.json'}: cannot be read ({e})") from None
             spm_specials: dict[str, Any] = {}
         else:
-            backend, spm_specials = _sentencepiece_model_file(folder / "tokenizer.model")
+            backend, spm_specials = sentencepiece_model_file(folder / "tokenizer.model")
             # added tokens the config lists (e.g. <|im_start|> added on top of the .model)
             extra = config.get("added_tokens_decoder") or {}
             for _idx, tok in sorted(extra.items(), key=lambda kv: int(kv[0])):
@@ -547,6 +291,8 @@ class Tokenizer:
             add_bos=add_bos,
             add_eos=add_eos,
             use_post_processor=use_post,
+            eos_id=tid(special("eos_token")),
+            sp_dummy_prefix=bool(spm_specials.get("add_dummy_prefix")),
             chat_template=template,
             template_source=tsource,
             name=folder.name,
@@ -564,7 +310,7 @@ class Tokenizer:
 
     @property
     def eos_token(self) -> str | None:
-        return self.id_to_token(min(self.eos_ids)) if self.eos_ids else None
+        return self.id_to_token(self.eos_id)
 
     @property
     def special_tokens(self) -> dict[str, str | None]:
@@ -585,14 +331,16 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text are recognised. With
         `add_special_tokens`, BOS/EOS are added as the model asks."""
+        if self._sp_dummy_prefix and text.startswith(" "):
+            text = " " + text
         if self._use_post_processor:
             return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self.add_bos and self.bos_id is not None:
                 ids = [self.bos_id, *ids]
-            if self.add_eos and self.eos_ids:
-                ids = [*ids, min(self.eos_ids)]
+            if self.add_eos and self.eos_id is not None:
+                ids = [*ids, self.eos_id]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -630,6 +378,13 @@ class Tokenizer:
             f"Tokenizer({self.name!r}, vocab={self.vocab_size}, bos={self.bos_id}, "
             f"eos={sorted(self.eos_ids)}, add_bos={self.add_bos})"
         )
+
+
+def _gguf_unk(meta: Mapping[str, Any], types: list[int]) -> int | None:
+    value = py_value(meta.get("tokenizer.ggml.unknown_token_id"))
+    if value is not None and 0 <= int(value) < len(types):
+        return int(value)
+    return next((i for i, t in enumerate(types) if t == UNKNOWN), None)
 
 
 def _unk_of(backend: _Backend, configured: int | None) -> int | None:
