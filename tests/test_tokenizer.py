@@ -4,12 +4,18 @@
   transformers' `AutoTokenizer.from_pretrained(folder, gguf_file=...)` on English, code, emoji,
   Chinese, whitespace-heavy text and text with special tokens; BOS/EOS/UNK/PAD ids equal the
   file's metadata as the `gguf` package reads it.
+- SentencePiece models trained here (BPE and Unigram, with and without byte fallback), read as
+  `tokenizer.model`: ids equal the `sentencepiece` library's on the same texts (whitespace runs,
+  leading spaces, emoji, CJK); unseen characters give the UNK id without byte fallback and byte
+  pieces with it; the BPE model equals transformers' `LlamaTokenizer`; the same vocabulary
+  written into a GGUF (as llama.cpp stores it) tokenizes like sentencepiece.
 - The streaming detokenizer: its segments concatenate to `decode(ids)` and never hold U+FFFD
-  for emoji/CJK, where a naive per-token decode does.
+  for emoji/CJK, where a naive per-token decode does; SentencePiece's leading-space rule holds.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -120,3 +126,168 @@ def test_streaming_detokenizer_holds_back_partial_utf8(ours):
     pieces = [detok.add_token(i) for i in ids]
     assert "".join(pieces) == "🚀你好"
     assert "" in pieces  # something was held back until its bytes were complete
+
+
+# -- SentencePiece: a model trained here, read as tokenizer.model and as a GGUF ----------------
+
+SPM_TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "def fib(n):\n    return fib(n - 1) + fib(n - 2)\n",
+    "I love pizza 🍕🍕 and rockets 🚀!",
+    "你好，世界！",
+    "leading words\t\ttabs\n\n  trailing   ",
+    "   three leading spaces",
+    " a  b   c    ",
+    "",
+]
+UNSEEN = "你好🚀"  # characters absent from the training text
+
+
+def _train_spm(folder: Path, model_type: str, byte_fallback: bool) -> Path:
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    corpus = [line for line in Path(__file__).read_text().splitlines() if line.strip()]
+    corpus = [line for line in corpus if line.isascii()]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=buf,
+        vocab_size=400,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+        )
+    )
+    return folder
+
+
+def _write_spm_gguf(model_file: Path, out: Path) -> Path:
+    """The same vocabulary as llama.cpp's converter stores it (tokens, scores, types)."""
+    gguf = pytest.importorskip("gguf")
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([p.piece.encode("utf-8") for p in proto.pieces])
+    writer.add_token_scores([p.score for p in proto.pieces])
+    writer.add_token_types([p.type for p in proto.pieces])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+SPM_KINDS = [("bpe", True), ("bpe", False), ("unigram", True), ("unigram", False)]
+
+
+@pytest.fixture(scope="module", params=SPM_KINDS, ids=lambda p: f"{p[0]}-fallback={p[1]}")
+def spm_folder(request, tmp_path_factory) -> tuple[Path, str, bool]:
+    kind, fallback = request.param
+    folder = tmp_path_factory.mktemp(f"spm-{kind}-{fallback}")
+    return _train_spm(folder, kind, fallback), kind, fallback
+
+
+def test_spm_model_matches_sentencepiece(spm_folder):
+    import sentencepiece as spm
+
+    folder, _, fallback = spm_folder
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    ours = Tokenizer.from_path(folder)
+    assert (ours.bos_id, ours.eos_ids, ours.unk_id) == (sp.bos_id(), {sp.eos_id()}, sp.unk_id())
+    for text in SPM_TEXTS:
+        expected = sp.encode(text)
+        assert ours.encode(text, add_special_tokens=False) == expected, text
+        assert ours.encode(text) == [sp.bos_id(), *expected]  # add_bos_token: true
+        if fallback or sp.unk_id() not in expected:  # sentencepiece spells UNK " ⁇ "
+            assert ours.decode(expected) == sp.decode(expected)
+
+
+def test_spm_unknown_characters(spm_folder):
+    import sentencepiece as spm
+
+    folder, _, fallback = spm_folder
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    ours = Tokenizer.from_path(folder)
+    ids = ours.encode(UNSEEN, add_special_tokens=False)
+    assert ids == sp.encode(UNSEEN)
+    if fallback:
+        assert ours.unk_id not in ids
+        assert all(sp.is_byte(i) for i in ids[1:])
+        assert ours.decode(ids) == UNSEEN
+    else:
+        assert ours.unk_id == sp.unk_id() == 0
+        assert ours.unk_id in ids
+
+
+def test_spm_gguf_matches_sentencepiece(spm_folder, tmp_path):
+    """A GGUF vocabulary is scored-BPE (llama.cpp's SPM algorithm), equal to sentencepiece for a
+    BPE-trained model."""
+    import sentencepiece as spm
+
+    folder, kind, _ = spm_folder
+    if kind != "bpe":
+        pytest.skip("llama.cpp tokenizes every GGUF SentencePiece vocabulary by merge scores")
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    ours = Tokenizer.from_path(_write_spm_gguf(folder / "tokenizer.model", tmp_path / "spm.gguf"))
+    assert ours.add_bos and ours.bos_id == 1 and ours.eos_ids == {2} and ours.unk_id == 0
+    for text in [*SPM_TEXTS, UNSEEN]:
+        assert ours.encode(text) == [1, *sp.encode(text)], text
+
+
+@pytest.mark.slow
+def test_spm_model_matches_transformers_llama_tokenizer(spm_folder):
+    """transformers' LlamaTokenizer is scored BPE with byte fallback: compare it on the model it
+    describes. (It drops unseen characters instead of giving UNK when the vocabulary has no byte
+    pieces, and it gives "▁hi" for " hi" where sentencepiece gives "▁▁hi"; we follow
+    sentencepiece there, tested above.)"""
+    transformers = pytest.importorskip("transformers")
+    folder, kind, fallback = spm_folder
+    if kind != "bpe" or not fallback:
+        pytest.skip("LlamaTokenizer describes BPE models with byte fallback")
+    ref = transformers.LlamaTokenizer.from_pretrained(str(folder))
+    ours = Tokenizer.from_path(folder)
+    for text in [t for t in SPM_TEXTS if not t.startswith(" ")] + [UNSEEN]:
+        expected = ref(text)["input_ids"]
+        assert ours.encode(text) == expected, text
+        assert ours.decode(expected) == ref.decode(expected)
+        assert ours.decode(expected, skip_special_tokens=True) == ref.decode(
+            expected, skip_special_tokens=True
+        )
+
+
+def test_spm_streaming_detokenizer_keeps_spaces_and_bytes(spm_folder):
+    folder, _, fallback = spm_folder
+    ours = Tokenizer.from_path(folder)
+    for text in [*SPM_TEXTS, UNSEEN, "Hello world again"]:
+        ids = ours.encode(text)
+        detok = ours.detokenizer()
+        pieces = [detok.add_token(i) for i in ids] + [detok.finalize()]
+        assert "".join(pieces) == ours.decode(ids), text
+        if fallback:
+            assert not any("\ufffd" in p for p in pieces)
+    # the leading-space rule: the first word has no space, later words keep theirs
+    ids = ours.encode("fib return", add_special_tokens=False)
+    detok = ours.detokenizer()
+    pieces = [detok.add_token(i) for i in ids]
+    assert pieces[0] == ours.decode(ids[:1]) and "".join(pieces) == "fib return"
