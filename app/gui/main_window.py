@@ -1,0 +1,320 @@
+"""The main window: a navigation rail, the views, a model toolbar and a non-modal banner.
+
+It wires the views to one `EngineClient` and one `Store`; views that need an engine part that
+has not landed show "not available yet" instead of failing. Knows nothing about model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QSize, Qt
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QCheckBox, QComboBox, QFileDialog, QLabel, QListWidget, QListWidgetItem, QMainWindow,
+    QPushButton, QSizePolicy, QStackedWidget, QToolBar, QVBoxLayout, QWidget,
+)
+
+from app.gui.models.library import discover_local_models, human_bytes
+from app.gui.views.chat import ChatView
+from app.gui.views.welcome import WelcomePanel, default_fetcher
+from app.gui.widgets.banner import Banner
+from app.gui.workers import EngineClient, default_engine_factory, wait_all_tasks
+from app.store import Store
+
+VIEWS = [
+    ("chat", "Chat", "✉"),
+    ("library", "Library", "☷"),
+    ("downloads", "Downloads", "⬇"),
+    ("finetune", "Fine-tune", "⚒"),
+    ("inspector", "Inspector", "⌕"),
+    ("settings", "Settings", "⚙"),
+]
+
+
+def unavailable(what: str, detail: str = "") -> QWidget:
+    """The placeholder shown for a part of the engine that has not landed."""
+    w = QWidget()
+    lay = QVBoxLayout(w)
+    lab = QLabel(f"<h2>{what}</h2><p>This part is not available yet.</p>"
+                 f"<p style='color:gray'>{detail}</p>")
+    lab.setAlignment(Qt.AlignCenter)
+    lab.setWordWrap(True)
+    lay.addWidget(lab)
+    return w
+
+
+class MainWindow(QMainWindow):
+    def __init__(
+        self,
+        store: Store | None = None,
+        engine_factory=default_engine_factory,
+        fetcher=default_fetcher,
+        autoload: bool = True,
+    ) -> None:
+        super().__init__()
+        self.setWindowTitle("Latent Studio")
+        self.resize(1280, 800)
+        self.store = store or Store()
+        self.client = EngineClient(engine_factory, self)
+        self.banner = Banner()
+        self.client.load_failed.connect(self._on_load_failed)
+        self.client.loaded.connect(self._on_loaded)
+        self.client.unloaded.connect(self._on_unloaded)
+
+        self.chat = ChatView(self.store, self.client)
+        self.chat.error.connect(self.show_error)
+        self.welcome = WelcomePanel(fetcher)
+        self.welcome.ready.connect(self._on_default_ready)
+        self.welcome.failed.connect(self.show_error)
+
+        self.stack = QStackedWidget()
+        self.views: dict[str, QWidget] = {"chat": self.chat}
+        self.nav = QListWidget()
+        self.nav.setFixedWidth(104)
+        self.nav.setIconSize(QSize(24, 24))
+        self.nav.setSpacing(4)
+        self.nav.setStyleSheet(
+            "QListWidget { border: none; font-size: 12px; }"
+            " QListWidget::item { padding: 10px 4px; border-radius: 6px; }"
+            " QListWidget::item:selected { background: palette(highlight);"
+            " color: palette(highlighted-text); }"
+        )
+        for key, label, glyph in VIEWS:
+            view = self.chat if key == "chat" else self._make_view(key, label)
+            self.views[key] = view
+            self.stack.addWidget(view)
+            item = QListWidgetItem(f"{glyph}\n{label}")
+            item.setTextAlignment(Qt.AlignCenter)
+            item.setData(Qt.UserRole, key)
+            self.nav.addItem(item)
+        self.nav.currentRowChanged.connect(self._on_nav)
+
+        central = QWidget()
+        outer = QVBoxLayout(central)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.setSpacing(0)
+        from PySide6.QtWidgets import QHBoxLayout
+
+        body = QHBoxLayout()
+        body.setContentsMargins(0, 0, 0, 0)
+        body.addWidget(self.nav)
+        right = QVBoxLayout()
+        right.setContentsMargins(6, 6, 6, 0)
+        right.addWidget(self.banner)
+        right.addWidget(self.stack, 1)
+        body.addLayout(right, 1)
+        outer.addLayout(body, 1)
+        self.setCentralWidget(central)
+        self._build_toolbar()
+        self.status = QLabel("No model loaded")
+        self.statusBar().addPermanentWidget(self.status)
+        QShortcut(QKeySequence("Ctrl+N"), self).activated.connect(self.new_chat)
+        self.nav.setCurrentRow(0)
+        if autoload:
+            self.start()
+
+    # ---- views ---------------------------------------------------------------------------
+    def _make_view(self, key: str, label: str) -> QWidget:
+        try:
+            module = importlib.import_module(f"app.gui.views.{key}")
+            return module.make_view(self)
+        except ModuleNotFoundError as e:
+            return unavailable(label, f"{e}")
+        except Exception as e:  # noqa: BLE001 - a view that cannot start must not stop the app
+            traceback.print_exc()
+            return unavailable(label, f"{type(e).__name__}: {e}")
+
+    def show_view(self, key: str) -> None:
+        self.nav.setCurrentRow([k for k, _, _ in VIEWS].index(key))
+
+    def _on_nav(self, row: int) -> None:
+        self.stack.setCurrentIndex(row)
+        view = self.stack.currentWidget()
+        if hasattr(view, "activated"):
+            view.activated()
+
+    def new_chat(self) -> None:
+        self.show_view("chat")
+        self.chat.new_conversation()
+
+    def show_error(self, message: str) -> None:
+        self.banner.show_message(message, "error")
+
+    # ---- model toolbar -------------------------------------------------------------------
+    def _build_toolbar(self) -> None:
+        bar = QToolBar("Model")
+        bar.setMovable(False)
+        bar.setIconSize(QSize(16, 16))
+        self.addToolBar(bar)
+        title = QLabel("  Latent Studio   ")
+        title.setStyleSheet("font-weight: 700; font-size: 14px;")
+        bar.addWidget(title)
+        self.model_combo = QComboBox()
+        self.model_combo.setMinimumWidth(280)
+        self.model_combo.setToolTip("Models on this computer")
+        bar.addWidget(self.model_combo)
+        self.load_btn = QPushButton("Load")
+        self.load_btn.clicked.connect(self.load_selected)
+        self.unload_btn = QPushButton("Unload")
+        self.unload_btn.clicked.connect(self.client.unload)
+        open_btn = QPushButton("Open file…")
+        open_btn.clicked.connect(self._open_file)
+        for w in (self.load_btn, self.unload_btn, open_btn):
+            bar.addWidget(w)
+        bar.addSeparator()
+        self.model_label = QLabel("")
+        self.model_label.setStyleSheet("color: palette(mid); padding: 0 8px;")
+        bar.addWidget(self.model_label)
+        spacer = QWidget()
+        spacer.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
+        bar.addWidget(spacer)
+        self.adapter_check = QCheckBox("Adapter")
+        self.adapter_check.setToolTip("Apply a LoRA adapter to the loaded model")
+        self.adapter_combo = QComboBox()
+        self.adapter_combo.setMinimumWidth(160)
+        self.adapter_check.toggled.connect(self._apply_adapter)
+        self.adapter_combo.activated.connect(lambda *_: self._apply_adapter())
+        bar.addWidget(self.adapter_check)
+        bar.addWidget(self.adapter_combo)
+        self.client.busy_changed.connect(self._update_toolbar)
+        self.refresh_models()
+        self._update_toolbar()
+
+    def refresh_models(self) -> None:
+        current = self.model_combo.currentData()
+        self.model_combo.clear()
+        paths = []
+        for m in discover_local_models(self.store.setting("extra_model_dirs", [])):
+            p = str(getattr(m, "path", ""))
+            if p and p not in paths:
+                paths.append(p)
+                name = getattr(m, "name", None) or Path(p).name
+                self.model_combo.addItem(f"{name}  ·  {human_bytes(getattr(m, 'size_bytes', 0))}", p)
+        for p in self.store.setting("recent_models", []):
+            if p not in paths and Path(p).exists():
+                paths.append(p)
+                self.model_combo.addItem(Path(p).name, p)
+        if current:
+            i = self.model_combo.findData(current)
+            if i >= 0:
+                self.model_combo.setCurrentIndex(i)
+        self.adapter_combo.clear()
+        try:
+            from engine.paths import adapters_dir
+
+            for d in sorted(p for p in adapters_dir().iterdir() if p.is_dir()):
+                self.adapter_combo.addItem(d.name, str(d))
+        except Exception:  # noqa: BLE001
+            pass
+        self._update_toolbar()
+
+    def load_model(self, path: str, adapter: str | None = None) -> None:
+        self.banner.hide()
+        self.status.setText(f"Loading {Path(path).name}…")
+        self.client.load(path, adapter)
+
+    def load_selected(self) -> None:
+        path = self.model_combo.currentData()
+        if path:
+            self.load_model(path)
+
+    def _open_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open a model", str(Path.home()), "Models (*.gguf config.json);;All files (*)"
+        )
+        if path:
+            if path.endswith("config.json"):
+                path = str(Path(path).parent)
+            recent = [p for p in self.store.setting("recent_models", []) if p != path]
+            self.store.set_setting("recent_models", [path, *recent][:10])
+            self.refresh_models()
+            self.load_model(path)
+
+    def _apply_adapter(self, *_: Any) -> None:
+        if self.client.info is None:
+            return
+        path = self.adapter_combo.currentData() if self.adapter_check.isChecked() else None
+        if (self.client.info.get("adapter") or None) != path:
+            self.status.setText("Applying adapter…" if path else "Removing adapter…")
+            self.client.set_adapter(path)
+
+    def _update_toolbar(self, *_: Any) -> None:
+        busy = self.client.busy
+        self.load_btn.setEnabled(not busy and self.model_combo.count() > 0)
+        self.unload_btn.setEnabled(not busy and self.client.info is not None)
+        self.model_combo.setEnabled(not busy)
+        has_adapters = self.adapter_combo.count() > 0
+        self.adapter_check.setEnabled(not busy and self.client.info is not None and has_adapters)
+        self.adapter_combo.setEnabled(not busy and has_adapters)
+
+    # ---- engine events -------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the last model, else a local one, else show the first-run welcome panel."""
+        last = self.store.setting("last_model")
+        if last and Path(last).exists():
+            self.load_model(last)
+            return
+        models = [self.model_combo.itemData(i) for i in range(self.model_combo.count())]
+        if models:
+            preferred = [p for p in models if "smollm2" in p.lower()] or models
+            self.model_combo.setCurrentIndex(self.model_combo.findData(preferred[0]))
+            self.load_model(preferred[0])
+        else:
+            self.chat.set_welcome(self.welcome)
+
+    def _on_default_ready(self, path: str) -> None:
+        self.refresh_models()
+        self.load_model(path)
+
+    def _on_loaded(self, info: dict) -> None:
+        self.chat.set_welcome(None)
+        path = str(info.get("path") or "")
+        if path:
+            self.store.set_setting("last_model", path)
+            i = self.model_combo.findData(path)
+            if i < 0:
+                self.model_combo.addItem(Path(path).name, path)
+                i = self.model_combo.count() - 1
+            self.model_combo.setCurrentIndex(i)
+        mem = human_bytes(info.get("weight_bytes"))
+        params = info.get("n_params") or 0
+        bits = [str(info.get("name") or Path(path).name)]
+        if params:
+            bits.append(f"{params / 1e6:,.0f}M params")
+        if info.get("quantization"):
+            bits.append(str(info["quantization"]))
+        if mem:
+            bits.append(f"{mem} in memory")
+        if info.get("adapter"):
+            bits.append(f"adapter {Path(str(info['adapter'])).name}")
+        self.model_label.setText("  ·  ".join(bits))
+        self.status.setText("Ready")
+        self.adapter_check.blockSignals(True)
+        self.adapter_check.setChecked(bool(info.get("adapter")))
+        self.adapter_check.blockSignals(False)
+        self._update_toolbar()
+
+    def _on_unloaded(self) -> None:
+        self.model_label.setText("")
+        self.status.setText("No model loaded")
+        self._update_toolbar()
+
+    def _on_load_failed(self, message: str) -> None:
+        self.status.setText("Model not loaded")
+        self.show_error(message)
+        self._update_toolbar()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self.shutdown()
+        super().closeEvent(event)
+
+    def shutdown(self) -> None:
+        for view in self.views.values():
+            if hasattr(view, "shutdown"):
+                view.shutdown()
+        self.client.shutdown()
+        wait_all_tasks()

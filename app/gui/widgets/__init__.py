@@ -1,0 +1,1 @@
+"""Small reusable widgets: the error banner, the message composer, the sampling panel."""
