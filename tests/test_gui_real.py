@@ -1,0 +1,37 @@
+"""The real engine behind the real window: the default model (SmolLM2-135M-Instruct) loads on
+the engine thread and a greedy reply to a question appears in the transcript and the store."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+pytestmark = [pytest.mark.gui, pytest.mark.slow]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("engine.session") is None,
+                    reason="engine.session has not landed yet")
+def test_real_engine_reply_appears(qtbot, tmp_path, latent_home, default_model_path):
+    from app.gui.main_window import MainWindow
+    from app.store import Store
+
+    win = MainWindow(store=Store(tmp_path / "c.sqlite"), autoload=False)
+    qtbot.addWidget(win)
+    win.show()
+    with qtbot.waitSignal(win.client.loaded, timeout=120_000) as loaded:
+        win.load_model(str(default_model_path))
+    info = loaded.args[0]
+    assert info["context_length"] == 8192 and "defaults" in info
+    chat = win.chat
+    chat.sampling.set_values({"temperature": 0.0, "max_tokens": 12, "seed": 0})
+    chat.composer.setPlainText("What is the capital of France?")
+    with qtbot.waitSignal(chat.reply_finished, timeout=300_000) as done:
+        chat.send()
+    stats = done.args[0]
+    reply = chat.messages()[-1]
+    assert reply.role == "assistant" and "Paris" in reply.content
+    assert reply.content.strip()[:20] in chat.transcript.toPlainText()
+    assert stats["generated_tokens"] >= 1 and stats["finish_reason"] in ("stop", "length")
+    assert 0 < chat.meter.value() <= 8192
+    win.shutdown()
