@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from PySide6.QtCore import Qt
 
-from tests.fake_engine import FakeEngine, make_window
+from fake_engine import FakeEngine, make_window
 
 pytestmark = pytest.mark.gui
 

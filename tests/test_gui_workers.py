@@ -12,7 +12,7 @@ import pytest
 from PySide6.QtCore import QObject, QThread, QTimer, Signal
 
 from app.gui.workers import run_task
-from tests.fake_engine import FakeEngine, make_window
+from fake_engine import FakeEngine, make_window
 
 pytestmark = pytest.mark.gui
 
