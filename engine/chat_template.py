@@ -163,7 +163,8 @@ class ChatTemplate:
         except SecurityError as e:
             raise TokenizerError(f"{self.source}: refused by the sandbox: {e}") from None
         except TemplateError as e:
-            raise TokenizerError(f"{self.source}: the chat template failed: {e}") from None
+            message = " ".join(str(e).split())
+            raise TokenizerError(f"{self.source}: the chat template failed: {message}") from None
 
 
 def pick_template(value: Any, source: str) -> str | None:

@@ -101,8 +101,8 @@ class Tokenizer:
         self.eos_ids: set[int] = set(eos_ids)
         # the EOS token proper (the one appended, and named in templates)
         self.eos_id = eos_id if eos_id is not None else (min(eos_ids) if eos_ids else None)
+        self.pad_id = pad_id if pad_id is not None else self.eos_id
         self.unk_id = unk_id
-        self.pad_id = pad_id if pad_id is not None else (min(eos_ids) if eos_ids else None)
         self.add_bos = add_bos
         self.add_eos = add_eos
         # tokenizer.json's post-processor decides BOS/EOS when the config does not say
@@ -110,8 +110,14 @@ class Tokenizer:
         # SentencePiece prepends "▁" to the text even when it starts with a space ("▁▁hi" for
         # " hi"); Metaspace does not when the text already starts with one: we add that space
         self._sp_dummy_prefix = sp_dummy_prefix
+        # a template the sandbox refuses fails chat, not loading (raw completion still works)
+        self._template_error: TokenizerError | None = None
+        self._template_text = chat_template
         if chat_template:
-            self._template = ChatTemplate(chat_template, source=template_source)
+            try:
+                self._template = ChatTemplate(chat_template, source=template_source)
+            except TokenizerError as e:
+                self._template, self._template_error = None, e
         else:
             self._template = ChatTemplate.fallback()
 
@@ -350,11 +356,11 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str:
-        return self._template.template
+        return self._template.template if self._template else (self._template_text or "")
 
     @property
     def chat_template_is_fallback(self) -> bool:
-        return self._template.is_fallback
+        return self._template is not None and self._template.is_fallback
 
     def apply_chat_template(
         self,
@@ -363,6 +369,8 @@ class Tokenizer:
         **kwargs: Any,
     ) -> str:
         """The prompt text of a conversation, rendered by the model's template."""
+        if self._template is None:
+            raise self._template_error  # type: ignore[misc]
         return self._template.render(
             messages,
             add_generation_prompt=add_generation_prompt,

@@ -291,3 +291,98 @@ def test_spm_streaming_detokenizer_keeps_spaces_and_bytes(spm_folder):
     detok = ours.detokenizer()
     pieces = [detok.add_token(i) for i in ids]
     assert pieces[0] == ours.decode(ids[:1]) and "".join(pieces) == "fib return"
+
+
+# -- Hugging Face folders ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_folder(reference, tmp_path_factory) -> Path:
+    """The default GGUF's tokenizer as transformers saves it (tokenizer.json + config)."""
+    folder = tmp_path_factory.mktemp("hf-tokenizer")
+    reference.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.slow
+def test_tokenizer_json_folder_matches_transformers(hf_folder):
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(str(hf_folder))
+    ours = Tokenizer.from_path(hf_folder)
+    assert (ours.bos_id, ours.eos_ids, ours.unk_id, ours.pad_id) == (
+        ref.bos_token_id,
+        {ref.eos_token_id},
+        ref.unk_token_id,
+        ref.pad_token_id,
+    )
+    for text in TEXTS:
+        expected = ref(text)["input_ids"]
+        assert ours.encode(text) == expected
+        assert ours.decode(expected) == ref.decode(expected)
+
+
+def test_folder_eos_ids_are_a_union_and_pad_falls_back(hf_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(hf_folder, folder)
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 2, "bos_token_id": 1}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0, 5]}))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_path(folder)
+    assert tok.eos_ids == {2, 0, 5}
+    assert tok.eos_id == 2  # the tokenizer's own EOS token
+    assert tok.pad_id == 2
+    assert tok.encode("hi")[0] != tok.bos_id  # SmolLM2 adds no BOS
+
+    config["add_bos_token"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_path(folder)
+    assert tok.add_bos and tok.encode("hi")[0] == tok.bos_id == 1
+    assert tok.encode("hi", add_special_tokens=False)[0] != 1
+
+
+@pytest.mark.slow
+def test_llama_style_tokenizer_json_adds_bos_like_transformers(tmp_path):
+    """A SentencePiece model saved by transformers as tokenizer.json (post-processor adds <s>)."""
+    transformers = pytest.importorskip("transformers")
+    spm_dir = _train_spm(tmp_path / "spm", "bpe", True)
+    saved = tmp_path / "saved"
+    transformers.LlamaTokenizer.from_pretrained(str(spm_dir)).save_pretrained(str(saved))
+    ref = transformers.AutoTokenizer.from_pretrained(str(saved))
+    ours = Tokenizer.from_path(saved)
+    assert ours.add_bos and ours.bos_id == ref.bos_token_id == 1
+    for text in [t for t in SPM_TEXTS if not t.startswith(" ")] + [UNSEEN]:
+        expected = ref(text)["input_ids"]
+        assert ours.encode(text) == expected, text
+        assert ours.decode(expected) == ref.decode(expected)
+
+
+def test_bad_inputs_are_one_line_tokenizer_errors(tmp_path):
+    from engine.errors import TokenizerError
+
+    cases = []
+    cases.append(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append(empty)
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_bytes(b"NOPE" + bytes(20))
+    cases.append(not_gguf)
+    truncated = tmp_path / "t.gguf"
+    truncated.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + b"\x05")
+    cases.append(truncated)
+    bad_json = tmp_path / "badjson"
+    bad_json.mkdir()
+    (bad_json / "tokenizer.json").write_text("{not json")
+    cases.append(bad_json)
+    bad_model = tmp_path / "badmodel"
+    bad_model.mkdir()
+    (bad_model / "tokenizer.model").write_bytes(b"\x00garbage")
+    cases.append(bad_model)
+    for case in cases:
+        with pytest.raises(TokenizerError) as info:
+            Tokenizer.from_path(case)
+        assert str(case) in str(info.value) and "\n" not in str(info.value)
