@@ -212,7 +212,10 @@ def gguf_config(header: GGUFHeader, path: Path) -> dict[str, Any]:
     if n_heads is None or hidden is None or get("block_count") is None:
         raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.block_count/embedding_length/attention.head_count")
     n_kv = get("attention.head_count_kv", n_heads)
-    vocab = get("vocab_size") or len(md.get("tokenizer.ggml.tokens", [])) or None
+    # the embedding's row count is the truth; GGML lists dims fastest-first, so rows come last
+    embd = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
+    vocab = (embd.shape[-1] if embd is not None else None) or get("vocab_size")
+    vocab = vocab or len(md.get("tokenizer.ggml.tokens", [])) or None
     config: dict[str, Any] = {
         "model_type": GGUF_ARCHS[arch],
         "gguf_architecture": arch,

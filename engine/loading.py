@@ -240,6 +240,7 @@ def load_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
             if m:
                 weights[k] = _unpermute_rows(weights[k], heads[m.group(1)])
     config["quantization_format"] = _gguf_quant_name(header)
+    config["gguf_has_tokenizer"] = bool(header.metadata.get("tokenizer.ggml.tokens"))
     return weights, config
 
 
@@ -327,10 +328,12 @@ def _folder_name(path: Path) -> str:
     return path.name
 
 
-def _load_tokenizer(path: Path, is_gguf: bool):
+def _load_tokenizer(path: Path, is_gguf: bool, config: dict[str, Any]):
     try:
         from engine.tokenizer import Tokenizer
     except ImportError:
+        return None
+    if is_gguf and not config.get("gguf_has_tokenizer"):
         return None
     if not is_gguf:
         names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -373,7 +376,13 @@ def load(
         model = build_model(config, weights, path, cdtype)
         where, name = path, _folder_name(path)
     del weights
-    tokenizer = _load_tokenizer(where, gguf_file is not None)
+    if kv_bits is not None:  # quantized KV/latent cache, read by the model's make_cache()
+        if kv_bits not in (4, 8):
+            raise ModelLoadError(f"kv_bits={kv_bits}: expected 4 or 8")
+        if not getattr(model, "supports_kv_bits", False):
+            raise ModelLoadError(f"kv_bits={kv_bits}: model_type {config['model_type']!r} has no quantized cache")
+        model.kv_bits = kv_bits
+    tokenizer = _load_tokenizer(where, gguf_file is not None, config)
     adapter_str = None
     if adapter is not None:
         try:
