@@ -107,3 +107,7 @@ class KVCache:
 
 def make_kv_caches(n_layers: int) -> list[KVCache]:
     return [KVCache() for _ in range(n_layers)]
+
+
+# MLA caches live beside the attention that reads them (engine/layers/mla.py).
+from engine.layers.mla import LatentCache, QuantizedLatentCache  # noqa: E402, F401

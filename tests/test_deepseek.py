@@ -148,7 +148,8 @@ def test_quantized_latent_cache_logit_error(tmp_path):
     folder, _ = make_checkpoint(tmp_path, "deepseek_v3", kv_lora_rank=64, qk_rope_head_dim=32,
                                 n_group=2, topk_group=1, first_k_dense_replace=1)
     model = engine.load(folder, dtype="float32", kv_bits=8).model
-    exact = _stepwise(model)
+    assert type(model.make_cache()[0]).__name__ == "QuantizedLatentCache"  # the load's default
+    exact = _stepwise(model, cache=model.make_cache(kv_bits=0))
     scale = float(np.abs(exact).max())
     errors = {}
     for bits in (8, 4):
@@ -189,6 +190,8 @@ def test_bad_checkpoints_name_key_and_expected_value(tmp_path):
 
     _edit_config(folder, qk_nope_head_dim=16)
     engine.load(folder)  # restored: loads again
+    with pytest.raises(ModelLoadError, match=r"^kv_bits=3: expected 4 or 8$"):
+        engine.load(folder, kv_bits=3)
 
     from safetensors.numpy import load_file, save_file
 
@@ -200,3 +203,29 @@ def test_bad_checkpoints_name_key_and_expected_value(tmp_path):
         engine.load(folder)
     msg = str(e.value)
     assert "experts.5.up_proj.weight" in msg and "n_routed_experts=8" in msg and "\n" not in msg
+
+
+def test_affine_quantized_checkpoint_roundtrip(tmp_path):
+    """A 4-bit (mlx-community layout) copy loads through engine.quant onto gather_qmm experts and
+    a quantized kv_b_proj, and gives the in-memory quantized model's logits, cached or not."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    folder, _ = make_checkpoint(tmp_path, "deepseek_v2", q_lora_rank=32, kv_lora_rank=32,
+                                qk_nope_head_dim=32, v_head_dim=32, hidden_size=64,
+                                moe_intermediate_size=32, num_hidden_layers=2)
+    model = engine.load(folder, dtype="float32").model
+    nn.quantize(model, group_size=32, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("embed_tokens"))
+    assert type(model.layers[0].mlp.switch_mlp.up_proj).__name__ == "QuantizedSwitchLinear"
+    qfolder = tmp_path / "q4"
+    qfolder.mkdir()
+    mx.save_safetensors(str(qfolder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization"] = {"group_size": 32, "bits": 4}
+    (qfolder / "config.json").write_text(json.dumps(cfg))
+    loaded = engine.load(qfolder, dtype="float32")
+    assert loaded.info.quantization
+    want = _logits(loaded.__class__(model, None, {}, qfolder, loaded.info))
+    np.testing.assert_allclose(_logits(loaded), want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_stepwise(loaded.model), want, atol=1e-4, rtol=0)

@@ -204,10 +204,15 @@ class Model(nn.Module):
         object.__setattr__(self, "_router_capture", value)
         set_capture(self, value)
 
+    supports_kv_bits = True  # engine.load(..., kv_bits=8|4) sets `kv_bits`, read below
+    kv_bits: int | None = None
+
     def make_cache(self, kv_bits: int | None = None) -> list:
-        """One latent cache per layer; `kv_bits` 8 or 4 stores the latents quantized."""
+        """One latent cache per layer, quantized to `kv_bits` (8 or 4; 0 forces full precision;
+        None takes the `kv_bits` given to `engine.load`)."""
         a = self.args
-        return [make_latent_cache(a.kv_lora_rank, a.qk_rope_head_dim, kv_bits) for _ in self.layers]
+        bits = self.kv_bits if kv_bits is None else (kv_bits or None)
+        return [make_latent_cache(a.kv_lora_rank, a.qk_rope_head_dim, bits) for _ in self.layers]
 
     # -- checkpoint quirks -----------------------------------------------------------------
 

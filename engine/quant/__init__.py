@@ -17,11 +17,18 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from engine.errors import QuantError
-from engine.quant.fp8 import DEFAULT_BLOCK, Fp8Linear, quantize_fp8_blocks, scale_shape
+from engine.quant.fp8 import (
+    DEFAULT_BLOCK,
+    Fp8Linear,
+    Fp8SwitchLinear,
+    quantize_fp8_blocks,
+    scale_shape,
+)
 from engine.quant.safetensors_fp8 import fp8_header_check, save_safetensors
 
 __all__ = [
     "prepare_model",
+    "Fp8SwitchLinear",
     "Fp8Linear",
     "quantize_fp8_blocks",
     "fp8_header_check",
@@ -38,6 +45,8 @@ def _affine_params(path: str, module: nn.Module, weights: dict[str, mx.array], c
         in_features = module.weight.shape[1]
     elif isinstance(module, nn.Embedding):
         in_features = module.weight.shape[1]
+    elif hasattr(module, "to_quantized") and "weight" in module:  # stacked experts (E, out, in)
+        in_features = module.weight.shape[-1]
     else:
         raise QuantError(f"{path}: quantized tensors found for a {type(module).__name__}")
     if w.dtype != mx.uint32:
@@ -87,9 +96,11 @@ def _check_fp8_tensors(weights: dict[str, mx.array], block: tuple[int, int]) -> 
                 raise QuantError(
                     f"{wk}: expected fp8 e4m3 codes (1 byte) next to {key}, got {weight.dtype}"
                 )
-            if weight.ndim != 2:
-                raise QuantError(f"{wk}: fp8 weights must be 2-D, got shape {tuple(weight.shape)}")
-            want = scale_shape(tuple(weight.shape), block)
+            if weight.ndim not in (2, 3):
+                raise QuantError(
+                    f"{wk}: fp8 weights must be 2-D (3-D for stacked experts), got {tuple(weight.shape)}"
+                )
+            want = tuple(weight.shape[:-2]) + scale_shape(tuple(weight.shape[-2:]), block)
             if tuple(w.shape) != want:
                 raise QuantError(
                     f"{key}: scale shape {tuple(w.shape)} does not match weight {tuple(weight.shape)} "
@@ -115,18 +126,22 @@ def prepare_model(model: nn.Module, weights: dict[str, mx.array], config: dict) 
         def swap(path: str, module: nn.Module):
             if path not in fp8_paths:
                 return module
-            if not isinstance(module, nn.Linear):
+            stacked = type(module).__name__ == "SwitchLinear"  # engine.layers.moe experts
+            if not (isinstance(module, nn.Linear) or stacked):
                 raise QuantError(
                     f"{path}.weight_scale_inv: fp8 scales for a {type(module).__name__}"
                 )
-            out_dims, in_dims = module.weight.shape
-            if tuple(weights[f"{path}.weight"].shape) != (out_dims, in_dims):
+            shape = tuple(module.weight.shape)
+            if tuple(weights[f"{path}.weight"].shape) != shape:
                 raise QuantError(
                     f"{path}.weight: shape {tuple(weights[f'{path}.weight'].shape)}, "
-                    f"the model expects {(out_dims, in_dims)}"
+                    f"the model expects {shape}"
                 )
             seen.add(path)
-            return Fp8Linear(in_dims, out_dims, bias="bias" in module, block=block)
+            if stacked:
+                e, out_dims, in_dims = shape
+                return Fp8SwitchLinear(in_dims, out_dims, e, bias="bias" in module, block=block)
+            return Fp8Linear(shape[1], shape[0], bias="bias" in module, block=block)
 
         leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
         model.update_modules(leaves)
