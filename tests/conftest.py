@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# our top-level `kernels` package shadows the PyPI `kernels` that transformers would use in
+# from_pretrained (it then raises "Kernels are not available"); turn that integration off
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 
 def _hide_hub_kernels_from_transformers() -> None:
