@@ -4,8 +4,9 @@ The estimate is what `engine.load` would allocate, computed from the stored tens
 headers (safetensors JSON header, GGUF tensor table), fetched by small Range requests, never
 the whole file: unquantized float tensors at the engine's compute dtype (fp32 on CPU, fp16
 on a GPU, `engine.device`), MLX-quantized tensors (packed uint32 + scales + biases) as stored
-(not 32/bits times over, the mistake a parameter count from safetensors metadata makes),
-GGUF Q4_0/Q4_1/Q8_0 as MLX affine triples; plus the KV cache for `context` tokens from the
+(not 32/bits times over, the mistake a parameter count from safetensors metadata makes) with
+their scales/biases at the compute dtype (as `engine.device.cast_weights` leaves them),
+GGUF Q4_0/Q4_1/Q8_0 as MLX affine triples (group 32); plus the KV cache for `context` tokens from the
 config (latent-sized for MLA: (kv_lora_rank + qk_rope_head_dim) per layer and token), plus a
 runtime overhead. "fits" ≤ 70 % of RAM, "tight" ≤ 90 %, else "won't fit".
 This module knows nothing about downloading or the local library.
@@ -102,7 +103,9 @@ def _formats(info) -> list[str]:
         out.append("gguf")
     if "mlx" in tags or "quantization" in cfg:
         out.append("mlx")
-    if ("safetensors" in tags or any(n.endswith(".safetensors") for n in names)) and "mlx" not in out:
+    if (
+        "safetensors" in tags or any(n.endswith(".safetensors") for n in names)
+    ) and "mlx" not in out:
         out.append("safetensors")
     return out
 
@@ -112,16 +115,25 @@ def _params(info) -> int | None:
     if st and st.parameters:
         bits = ((info.config or {}).get("quantization") or {}).get("bits")
         # MLX packs 32/bits weights per uint32: the Hub's count of U32 "parameters" is 1/(32/bits).
-        return int(sum(v * (32 // bits if dt == "U32" and bits else 1) for dt, v in st.parameters.items()))
+        return int(
+            sum(v * (32 // bits if dt == "U32" and bits else 1) for dt, v in st.parameters.items())
+        )
     gg = getattr(info, "gguf", None)
     if isinstance(gg, dict) and gg.get("total"):
         return int(gg["total"])
     return _name_params(info.id)
 
 
-def search_models(query: str = "", *, formats: list[str] | str | None = None, sort: str = "downloads",
-                  limit: int = 50, min_params: int | None = None, max_params: int | None = None,
-                  task: str | None = "text-generation") -> list[ModelSummary]:
+def search_models(
+    query: str = "",
+    *,
+    formats: list[str] | str | None = None,
+    sort: str = "downloads",
+    limit: int = 50,
+    min_params: int | None = None,
+    max_params: int | None = None,
+    task: str | None = "text-generation",
+) -> list[ModelSummary]:
     """Hub models matching `query`, newest/most downloaded/most liked first."""
     if isinstance(formats, str):
         formats = [formats]
@@ -130,27 +142,54 @@ def search_models(query: str = "", *, formats: list[str] | str | None = None, so
         raise DownloadError(f"unknown format {bad[0]!r}; use one of {', '.join(FORMATS)}")
     if sort not in SORTS:
         raise DownloadError(f"unknown sort {sort!r}; use one of {', '.join(SORTS)}")
-    num = ",".join(([f"min:{_count_str(min_params)}"] if min_params else [])
-                   + ([f"max:{_count_str(max_params)}"] if max_params else [])) or None
+    num = (
+        ",".join(
+            ([f"min:{_count_str(min_params)}"] if min_params else [])
+            + ([f"max:{_count_str(max_params)}"] if max_params else [])
+        )
+        or None
+    )
     try:
         items = api().list_models(
-            search=query or None, filter=formats[0] if len(formats) == 1 else None,
-            pipeline_tag=task, num_parameters=num, sort=SORTS[sort], limit=limit,
-            expand=["siblings", "tags", "downloads", "likes", "lastModified", "pipeline_tag",
-                    "safetensors", "gguf", "gated", "config"])
+            search=query or None,
+            filter=formats[0] if len(formats) == 1 else None,
+            pipeline_tag=task,
+            num_parameters=num,
+            sort=SORTS[sort],
+            limit=limit,
+            expand=[
+                "siblings",
+                "tags",
+                "downloads",
+                "likes",
+                "lastModified",
+                "pipeline_tag",
+                "safetensors",
+                "gguf",
+                "gated",
+                "config",
+            ],
+        )
         items = list(items)
     except Exception as e:
         raise friendly_error(e, "search") from None
     out = []
     for info in items:
-        s = ModelSummary(repo_id=info.id, downloads=info.downloads or 0, likes=info.likes or 0,
-                         last_modified=info.last_modified.isoformat() if info.last_modified else None,
-                         formats=_formats(info), n_params=_params(info),
-                         pipeline_tag=info.pipeline_tag, gated=bool(info.gated))
+        s = ModelSummary(
+            repo_id=info.id,
+            downloads=info.downloads or 0,
+            likes=info.likes or 0,
+            last_modified=info.last_modified.isoformat() if info.last_modified else None,
+            formats=_formats(info),
+            n_params=_params(info),
+            pipeline_tag=info.pipeline_tag,
+            gated=bool(info.gated),
+        )
         if formats and not set(formats) & set(s.formats):
             continue
-        if s.n_params is not None and ((min_params and s.n_params < min_params)
-                                       or (max_params and s.n_params > max_params)):
+        if s.n_params is not None and (
+            (min_params and s.n_params < min_params) or (max_params and s.n_params > max_params)
+        ):
             continue
         out.append(s)
     return out
@@ -164,7 +203,8 @@ def remote_reader(repo_id: str, path: str, revision: str) -> Reader:
         headers = {**auth_headers(), "Range": f"bytes={offset}-{offset + length - 1}"}
         r = get_session().get(url, headers=headers, timeout=httpx2.Timeout(30.0))
         hf_raise_for_status(r)
-        return r.content[:length] if r.status_code == 206 else r.content[offset: offset + length]
+        return r.content[:length] if r.status_code == 206 else r.content[offset : offset + length]
+
     return read
 
 
@@ -173,11 +213,26 @@ def file_reader(path: str | Path) -> Reader:
         with open(path, "rb") as f:
             f.seek(offset)
             return f.read(length)
+
     return read
 
 
-_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
-             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def safetensors_tensors(read: Reader) -> dict[str, tuple[str, list[int]]]:
@@ -194,18 +249,20 @@ def _numel(shape) -> int:
     return n
 
 
-def safetensors_weight_bytes(tensors: dict[str, tuple[str, list[int]]], compute_bytes: int,
-                             bits: int = 4) -> tuple[int, int]:
+def safetensors_weight_bytes(
+    tensors: dict[str, tuple[str, list[int]]], compute_bytes: int, bits: int = 4
+) -> tuple[int, int]:
     """(bytes the engine holds, parameter count) for one safetensors checkpoint."""
     quant = {k[: -len(".scales")] for k in tensors if k.endswith(".scales")}
     total = params = 0
     for name, (dtype, shape) in tensors.items():
         n = _numel(shape)
         stem = name.rsplit(".", 1)[0]
-        if stem in quant:  # MLX affine: packed weight, scales and biases kept as stored
+        if stem in quant and dtype in ("U32", "U8", "I8"):  # MLX affine packed weight: as stored
             total += n * _ST_SIZES.get(dtype, 4)
-            if name.endswith(".weight"):
-                params += n * (32 // bits if dtype == "U32" else 1)
+            params += n * (32 // bits if dtype == "U32" else 1)
+        elif stem in quant:  # its scales and biases: floats, cast to the compute dtype
+            total += n * compute_bytes
         elif dtype in ("F32", "F16", "BF16", "F64"):
             total += n * compute_bytes
             params += n
@@ -216,9 +273,23 @@ def safetensors_weight_bytes(tensors: dict[str, tuple[str, list[int]]], compute_
 
 
 # GGUF tensor type -> (block elements, stored bytes per block)
-_GGML = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-         9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
-         14: (256, 210), 15: (256, 292), 30: (1, 2)}
+_GGML = {
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 18),
+    3: (32, 20),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 34),
+    9: (32, 36),
+    10: (256, 84),
+    11: (256, 110),
+    12: (256, 144),
+    13: (256, 176),
+    14: (256, 210),
+    15: (256, 292),
+    30: (1, 2),
+}
 _AFFINE_BITS = {2: 4, 3: 4, 8: 8}  # Q4_0, Q4_1, Q8_0 -> MLX affine bits (group 32)
 
 
@@ -229,7 +300,7 @@ class _Buf:
     def take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
             raise EOFError
-        b = self.data[self.pos: self.pos + n]
+        b = self.data[self.pos : self.pos + n]
         self.pos += n
         return b
 
@@ -240,7 +311,19 @@ class _Buf:
         return self.take(self.u("Q")).decode("utf-8", "replace")
 
 
-_GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_SCALAR = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 
 
 def _gguf_value(b: _Buf, t: int):
@@ -288,7 +371,9 @@ def gguf_weight_bytes(tensors, compute_bytes: int) -> tuple[int, int]:
         if t in (0, 1, 30):
             total += n * compute_bytes
         elif t in _AFFINE_BITS:
-            total += n * _AFFINE_BITS[t] // 8 + (n // 32) * 2 * 2  # packed + fp16 scale and bias
+            total += (
+                n * _AFFINE_BITS[t] // 8 + (n // 32) * 2 * compute_bytes
+            )  # packed + scale, bias
         else:
             blk, nb = _GGML.get(t, (32, 18))
             total += n // blk * nb
@@ -300,9 +385,14 @@ def gguf_config(meta: dict) -> dict:
     arch = meta.get("general.architecture", "llama")
     g = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
     heads = g("attention.head_count") or 0
-    cfg = {"model_type": arch, "num_hidden_layers": g("block_count"), "hidden_size": g("embedding_length"),
-           "num_attention_heads": heads, "num_key_value_heads": g("attention.head_count_kv", heads),
-           "max_position_embeddings": g("context_length")}
+    cfg = {
+        "model_type": arch,
+        "num_hidden_layers": g("block_count"),
+        "hidden_size": g("embedding_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": g("attention.head_count_kv", heads),
+        "max_position_embeddings": g("context_length"),
+    }
     if g("attention.key_length"):
         cfg["head_dim"] = g("attention.key_length")
     if g("attention.kv_lora_rank"):
@@ -317,10 +407,17 @@ def kv_cache_bytes(config: dict, context: int, dtype_bytes: int) -> int:
     layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
     tokens = -(-context // 256) * 256
     if cfg.get("kv_lora_rank"):  # MLA: only the compressed latent and the shared rope key
-        return (int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim") or 64)) * layers * tokens * dtype_bytes
+        return (
+            (int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim") or 64))
+            * layers
+            * tokens
+            * dtype_bytes
+        )
     heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1)
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or (cfg.get("hidden_size") or cfg.get("n_embd") or 0) // heads)
+    head_dim = int(
+        cfg.get("head_dim") or (cfg.get("hidden_size") or cfg.get("n_embd") or 0) // heads
+    )
     return 2 * layers * kv_heads * head_dim * tokens * dtype_bytes
 
 
@@ -337,8 +434,12 @@ class Estimate:
         return self.weight_bytes + self.kv_bytes + self.overhead_bytes
 
 
-def estimate_memory(weights: list[tuple[str, Reader]], config: dict | None, context: int = 4096,
-                    compute_bytes: int | None = None) -> Estimate:
+def estimate_memory(
+    weights: list[tuple[str, Reader]],
+    config: dict | None,
+    context: int = 4096,
+    compute_bytes: int | None = None,
+) -> Estimate:
     """Bytes to load these weight files (name, reader) and run `context` tokens."""
     cb = compute_bytes or _compute_bytes()
     wb = params = 0
@@ -358,14 +459,19 @@ def estimate_memory(weights: list[tuple[str, Reader]], config: dict | None, cont
 
 
 # -- variants -----------------------------------------------------------------------------------
-_QUANT_RE = re.compile(r"(IQ\d_[A-Z0-9_]+?|Q\d_K_[SML]|Q\d_K|Q\d_\d|BF16|F16|F32)(?=[.\-_]|$)", re.I)
+_QUANT_RE = re.compile(
+    r"(IQ\d_[A-Z0-9_]+?|Q\d_K_[SML]|Q\d_K|Q\d_\d|BF16|F16|F32)(?=[.\-_]|$)", re.I
+)
 _SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 def _fetch_json(repo_id: str, path: str, revision: str) -> dict:
     try:
-        r = get_session().get(hf_hub_url(repo_id, path, revision=revision, endpoint=endpoint()),
-                              headers=auth_headers(), timeout=httpx2.Timeout(30.0))
+        r = get_session().get(
+            hf_hub_url(repo_id, path, revision=revision, endpoint=endpoint()),
+            headers=auth_headers(),
+            timeout=httpx2.Timeout(30.0),
+        )
         hf_raise_for_status(r)
         return json.loads(r.content)
     except Exception:
@@ -382,7 +488,9 @@ def _group_files(names: list[str]) -> list[tuple[str, str, list[str]]]:
             key = _SPLIT_RE.sub(".gguf", n)
             ggufs.setdefault(key, []).append(n)
     for key, files in sorted(ggufs.items()):
-        m = _QUANT_RE.search(PurePosixPath(key).stem.split(".")[-1]) or _QUANT_RE.search(PurePosixPath(key).stem)
+        m = _QUANT_RE.search(PurePosixPath(key).stem.split(".")[-1]) or _QUANT_RE.search(
+            PurePosixPath(key).stem
+        )
         groups.append((m.group(1).upper() if m else PurePosixPath(key).stem, "gguf", sorted(files)))
     by_dir: dict[str, list[str]] = {}
     for n in names:
@@ -394,8 +502,9 @@ def _group_files(names: list[str]) -> list[tuple[str, str, list[str]]]:
     return groups
 
 
-def list_variants(repo_id: str, revision: str = "main", context: int = 4096,
-                  memory_bytes: int | None = None) -> list[Variant]:
+def list_variants(
+    repo_id: str, revision: str = "main", context: int = 4096, memory_bytes: int | None = None
+) -> list[Variant]:
     """The repo's loadable variants with download size and a memory-fit estimate each."""
     try:
         info = api().model_info(repo_id, revision=revision, files_metadata=True)
@@ -407,29 +516,61 @@ def list_variants(repo_id: str, revision: str = "main", context: int = 4096,
     for name, fmt, weights in _group_files(list(sizes)):
         folder = str(PurePosixPath(weights[0]).parent)
         prefix = "" if folder == "." else folder + "/"
-        aux = [n for n in sizes if str(PurePosixPath(n).parent) == folder
-               and any(fnmatch.fnmatch(PurePosixPath(n).name, p) for p in AUX_PATTERNS)]
-        config = _fetch_json(repo_id, prefix + "config.json", rev) if (prefix + "config.json") in sizes else {}
+        aux = [
+            n
+            for n in sizes
+            if str(PurePosixPath(n).parent) == folder
+            and any(fnmatch.fnmatch(PurePosixPath(n).name, p) for p in AUX_PATTERNS)
+        ]
+        config = (
+            _fetch_json(repo_id, prefix + "config.json", rev)
+            if (prefix + "config.json") in sizes
+            else {}
+        )
         quant = None
         if fmt == "safetensors":
             q = config.get("quantization") or config.get("quantization_config") or {}
             if config.get("quantization") and q.get("bits"):
                 fmt, quant = "mlx", f"{q['bits']}bit"
-                name = f"{prefix}mlx-{quant}".strip("/")
+                label = f"mlx-{quant}"
             else:
                 dt = config.get("torch_dtype") or config.get("dtype") or "float"
-                name = f"{prefix}{ {'bfloat16': 'bf16', 'float16': 'fp16', 'float32': 'fp32'}.get(dt, dt) }"
+                label = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dt, str(dt))
+            name = label if folder in (".", label) else f"{folder} ({label})"
         else:
             quant, aux = name, []
         files = sorted(weights + aux)
         try:
-            est = estimate_memory([(w, remote_reader(repo_id, w, rev)) for w in weights], config, context)
-            weight_b, kv_b, over_b, n_params = est.weight_bytes, est.kv_bytes, est.overhead_bytes, est.n_params
+            est = estimate_memory(
+                [(w, remote_reader(repo_id, w, rev)) for w in weights], config, context
+            )
+            weight_b, kv_b, over_b, n_params = (
+                est.weight_bytes,
+                est.kv_bytes,
+                est.overhead_bytes,
+                est.n_params,
+            )
         except Exception:  # header unreadable: fall back to the download size
             weight_b = sum(sizes[w] for w in weights)
-            kv_b, over_b, n_params = kv_cache_bytes(config, context, 4) if config else 0, OVERHEAD_BYTES, None
+            kv_b, over_b, n_params = (
+                kv_cache_bytes(config, context, 4) if config else 0,
+                OVERHEAD_BYTES,
+                None,
+            )
         total = weight_b + kv_b + over_b
-        out.append(Variant(name=name, files=files, bytes=sum(sizes[f] for f in files), format=fmt,
-                           estimate_bytes=total, fit=fit_label(total, memory_bytes), weight_bytes=weight_b,
-                           kv_bytes=kv_b, overhead_bytes=over_b, quantization=quant, n_params=n_params))
+        out.append(
+            Variant(
+                name=name,
+                files=files,
+                bytes=sum(sizes[f] for f in files),
+                format=fmt,
+                estimate_bytes=total,
+                fit=fit_label(total, memory_bytes),
+                weight_bytes=weight_b,
+                kv_bytes=kv_b,
+                overhead_bytes=over_b,
+                quantization=quant,
+                n_params=n_params,
+            )
+        )
     return out
