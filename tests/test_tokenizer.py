@@ -72,6 +72,7 @@ def test_gguf_encode_decode_matches_transformers(ours, reference, text):
     )
 
 
+@pytest.mark.slow
 def test_gguf_special_ids_match_metadata(ours, gguf_path):
     gguf = pytest.importorskip("gguf")
     reader = gguf.GGUFReader(str(gguf_path))
@@ -386,3 +387,22 @@ def test_bad_inputs_are_one_line_tokenizer_errors(tmp_path):
         with pytest.raises(TokenizerError) as info:
             Tokenizer.from_path(case)
         assert str(case) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_streaming_detokenizer_on_random_ids(ours):
+    """Any id sequence (invalid UTF-8 included): the segments concatenate to `decode(ids)`."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    # byte-level tokens of single bytes >= 0x80 (lead and continuation bytes) plus ordinary ones
+    byte_ids = [ours.token_to_id(ch) for ch in ("Ã", "Â", "¤", "½", "ł", "ĳ", "ð", "Ł")]
+    ids = st.one_of(st.sampled_from([i for i in byte_ids if i is not None]), st.integers(0, 49151))
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(ids, max_size=24))
+    def check(seq):
+        detok = ours.detokenizer()
+        pieces = [detok.add_token(i) for i in seq] + [detok.finalize()]
+        assert "".join(pieces) == ours.decode(seq)
+
+    check()
