@@ -208,3 +208,52 @@ def test_kv_cache_grows_in_steps():
     assert c.trim(8) == 8 and c.offset == 250
     keys, _ = c.state
     assert keys.shape == (1, 2, 250, 8)
+
+
+# --- absolute / bias position encodings (layers/positional.py) --------------------------------
+
+
+def test_sinusoidal_table_matches_definition():
+    from engine.layers.positional import sinusoidal_table
+
+    d, pos = 16, np.arange(5, 12)
+    ref = np.zeros((len(pos), d))
+    for i in range(0, d, 2):
+        ref[:, i] = np.sin(pos / 10000 ** (i / d))
+        ref[:, i + 1] = np.cos(pos / 10000 ** (i / d))
+    out = np.array(sinusoidal_table(mx.array(pos), d))
+    assert np.abs(out - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("n_heads", [8, 12])
+def test_alibi_slopes_match_bloom(n_heads):
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    from engine.layers.positional import alibi_slopes
+
+    # BLOOM's bias is slope·key_position, so key position 1 reads the slope
+    ref = build_alibi_tensor(torch.ones(1, 2), n_heads, torch.float32)[:, 0, 1].numpy()
+    assert np.abs(np.array(alibi_slopes(n_heads)) - ref).max() <= 1e-7
+
+
+def test_alibi_attention_matches_numpy():
+    from engine.layers.attention import scaled_dot_product_attention
+    from engine.layers.positional import alibi_mask, alibi_slopes
+
+    rng = np.random.default_rng(0)
+    H, n, off, D = 4, 3, 5, 8
+    q = rng.standard_normal((1, H, n, D)).astype(np.float32)
+    k = rng.standard_normal((1, H, off + n, D)).astype(np.float32)
+    v = rng.standard_normal((1, H, off + n, D)).astype(np.float32)
+    slopes = np.array(alibi_slopes(H), dtype=np.float64)
+    s = np.einsum("bhid,bhjd->bhij", q.astype(np.float64), k) / np.sqrt(D)
+    i = np.arange(off, off + n)[:, None]
+    j = np.arange(off + n)[None]
+    s = s - slopes[None, :, None, None] * (i - j)[None, None]
+    s = np.where((j > i)[None, None], -np.inf, s)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = (p / p.sum(-1, keepdims=True)) @ v
+    out = scaled_dot_product_attention(
+        mx.array(q), mx.array(k), mx.array(v), D**-0.5, alibi_mask(H, n, off)
+    )
+    assert np.abs(np.array(out) - ref).max() <= 1e-5
