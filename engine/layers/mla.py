@@ -287,6 +287,8 @@ class MultiHeadLatentAttention(nn.Module):
                 layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits,
                 mode=getattr(layer, "mode", "affine"),
             )
+        elif hasattr(layer, "dequantized"):  # engine.quant.Fp8Linear: fp8 codes + block scales
+            w = layer.dequantized()
         else:
             w = layer.weight
         return w.reshape(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
