@@ -18,6 +18,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.device import compute_dtype
 from kernels._common import pick
 from kernels.fp8_dequant import dequant_fp8, e4m3_decode_ref
 from kernels.fp8_matvec import matvec_fp8
@@ -60,19 +61,37 @@ def dequant_fp8_cpu(
     """The CPU path: table lookup, then one float32 multiply per element by its block scale.
 
     Same roundings as `fp8_dequant_ref` (tested bit for bit), fewer ops: no bit arithmetic and
-    no (N, K) scale tensor when the shape divides into blocks.
+    no (N, K) scale tensor when the shape divides into blocks. Leading axes (stacked experts,
+    `w` (E, N, K) with `scale_inv` (E, nb, kb)) are carried along.
     """
-    n, k = w.shape
+    *lead, n, k = w.shape
     bn, bk = block
-    nb, kb = scale_inv.shape
-    v = mx.take(E4M3_TABLE, w.astype(mx.uint32))  # (N, K) float32
-    s = scale_inv.astype(mx.float32)
-    if n == nb * bn and k == kb * bk:
-        v = (v.reshape(nb, bn, kb, bk) * s[:, None, :, None]).reshape(n, k)
-    else:
-        v = mx.pad(v, [(0, nb * bn - n), (0, kb * bk - k)])
-        v = (v.reshape(nb, bn, kb, bk) * s[:, None, :, None]).reshape(nb * bn, kb * bk)[:n, :k]
+    nb, kb = scale_inv.shape[-2:]
+    v = mx.take(E4M3_TABLE, w.astype(mx.uint32))  # (..., N, K) float32
+    s = scale_inv.astype(mx.float32)[..., :, None, :, None]  # (..., nb, 1, kb, 1)
+    if n != nb * bn or k != kb * bk:
+        v = mx.pad(v, [(0, 0)] * len(lead) + [(0, nb * bn - n), (0, kb * bk - k)])
+    v = (v.reshape(*lead, nb, bn, kb, bk) * s).reshape(*lead, nb * bn, kb * bk)
+    if n != nb * bn or k != kb * bk:
+        v = v[..., :n, :k]
     return v.astype(dtype)
+
+
+def dequant_fp8_any(
+    w: mx.array, scale_inv: mx.array, block: tuple[int, int], dtype: mx.Dtype
+) -> mx.array:
+    """2-D or stacked fp8 weights to floats: the kernel on a GPU, the table path on the CPU."""
+    if pick(None) is None:
+        return dequant_fp8_cpu(w, scale_inv, block, dtype)
+    if w.ndim == 2:
+        return dequant_fp8(w, scale_inv, block, dtype)
+    *lead, n, k = w.shape
+    if n % block[0] == 0:  # blocks never straddle two experts: one flat kernel launch
+        flat = dequant_fp8(
+            w.reshape(-1, k), scale_inv.reshape(-1, scale_inv.shape[-1]), block, dtype
+        )
+        return flat.reshape(*lead, n, k)
+    return dequant_fp8_cpu(w, scale_inv, block, dtype)
 
 
 def _cache_default() -> bool:
@@ -106,11 +125,11 @@ class Fp8Linear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
-    def dequantized(self, dtype: mx.Dtype = mx.float32) -> mx.array:
+    def dequantized(self, dtype: mx.Dtype | None = None) -> mx.array:
         """The weight as a float matrix (kernel on a GPU, table lookup on the CPU)."""
-        if pick(None) is not None:
-            return dequant_fp8(self.weight, self.weight_scale_inv, self.block, dtype)
-        return dequant_fp8_cpu(self.weight, self.weight_scale_inv, self.block, dtype)
+        return dequant_fp8_any(
+            self.weight, self.weight_scale_inv, self.block, dtype or compute_dtype()
+        )
 
     def _use_cache(self) -> bool:
         return _cache_default() if self.cache_dequantized is None else self.cache_dequantized
@@ -131,4 +150,49 @@ class Fp8Linear(nn.Module):
             y = x @ self.dequantized(dtype).T
         if "bias" in self:
             y = y + self.bias.astype(y.dtype)
+        return y
+
+
+class Fp8SwitchLinear(nn.Module):
+    """Stacked experts (engine.layers.moe.SwitchLinear) kept as fp8 codes + block scales.
+
+    `weight` (E, out, in) uint8, `weight_scale_inv` (E, ceil(out/BN), ceil(in/BK)) float32.
+    Decode (few token-expert pairs) widens only the experts picked; longer inputs widen all.
+    """
+
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        num_experts: int,
+        bias: bool = False,
+        block: tuple[int, int] = DEFAULT_BLOCK,
+    ):
+        super().__init__()
+        self.block = (int(block[0]), int(block[1]))
+        self.weight = mx.zeros((num_experts, output_dims, input_dims), dtype=mx.uint8)
+        nb, kb = scale_shape((output_dims, input_dims), self.block)
+        self.weight_scale_inv = mx.ones((num_experts, nb, kb))
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        """x (..., 1, in), indices (...) -> (..., 1, out) with expert indices[...] applied."""
+        dtype = x.dtype if x.dtype in (mx.float16, mx.bfloat16, mx.float32) else mx.float32
+        if 2 * indices.size < self.num_experts:
+            flat = indices.reshape(-1)
+            w = dequant_fp8_any(self.weight[flat], self.weight_scale_inv[flat], self.block, dtype)
+            rhs = mx.arange(flat.size, dtype=mx.uint32).reshape(indices.shape)
+            y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=rhs, sorted_indices=sorted_indices)
+        else:
+            w = dequant_fp8_any(self.weight, self.weight_scale_inv, self.block, dtype)
+            y = mx.gather_mm(
+                x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+            )
+        if "bias" in self:
+            y = y + mx.expand_dims(self.bias[indices], -2).astype(y.dtype)
         return y
