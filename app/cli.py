@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     seen = set()
     for name in COMMANDS:
-        module_name = {"download": "hub", "search": "hub", "models": "hub"}.get(name, name)
+        module_name = {"download": "hub", "search": "hub", "models": "hub", "rm": "hub"}.get(name, name)
         if module_name in seen:
             continue
         try:

@@ -154,6 +154,9 @@ def test_pause_then_resume_continues_from_partial(hub, tmp_path):
     assert hub.requests_for("tiny-Q4_0.gguf")[-1]["range"] == f"bytes={have}-"
     speeds = [e.speed_bps for e in events if e.kind == "progress"]
     assert speeds and max(speeds) > 0
+    progress = [e for e in events if e.kind == "progress" and e.eta_s is not None]
+    assert progress and all(e.bytes_total == len(hub.q4) and e.file == "tiny-Q4_0.gguf" for e in progress)
+    assert all(abs(e.eta_s - (e.bytes_total - e.bytes_done) / e.speed_bps) < 1e-6 for e in progress)
     m2.close()
 
 

@@ -167,7 +167,10 @@ class DownloadManager:
         with self._lock:
             for j in self._jobs.values():
                 if (j.repo_id, j.revision, j.include, j.local_dir) == (
-                        repo_id, revision, include, str(local_dir) if local_dir else None) and j.status in ACTIVE:
+                        repo_id, revision, include, str(local_dir) if local_dir else None) and \
+                        j.status not in ("done", "cancelled"):
+                    if j.status not in ACTIVE:  # the same download, paused or stopped: go on with it
+                        self.resume(j.id)
                     return j.id
             job = DownloadJob(id=uuid.uuid4().hex[:12], repo_id=repo_id, revision=revision,
                               include=list(include) if include else None,
