@@ -91,6 +91,7 @@ class Tokenizer:
         use_post_processor: bool = False,
         eos_id: int | None = None,
         sp_dummy_prefix: bool = False,
+        sp_strip_leading: bool = False,
         chat_template: str | None = None,
         template_source: str = "chat template",
         name: str = "tokenizer",
@@ -110,6 +111,8 @@ class Tokenizer:
         # SentencePiece prepends "▁" to the text even when it starts with a space ("▁▁hi" for
         # " hi"); Metaspace does not when the text already starts with one: we add that space
         self._sp_dummy_prefix = sp_dummy_prefix
+        # SentencePiece's remove_extra_whitespaces drops leading spaces before the "▁" prefix
+        self._sp_strip_leading = sp_strip_leading
         # a template the sandbox refuses fails chat, not loading (raw completion still works)
         self._template_error: TokenizerError | None = None
         self._template_text = chat_template
@@ -299,6 +302,7 @@ class Tokenizer:
             use_post_processor=use_post,
             eos_id=tid(special("eos_token")),
             sp_dummy_prefix=bool(spm_specials.get("add_dummy_prefix")),
+            sp_strip_leading=bool(spm_specials.get("remove_extra_whitespaces")),
             chat_template=template,
             template_source=tsource,
             name=folder.name,
@@ -337,7 +341,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text are recognised. With
         `add_special_tokens`, BOS/EOS are added as the model asks."""
-        if self._sp_dummy_prefix and text.startswith(" "):
+        if self._sp_strip_leading:
+            text = text.lstrip(" ")
+        elif self._sp_dummy_prefix and text.startswith(" "):
             text = " " + text
         if self._use_post_processor:
             return self._backend.encode(text, add_special_tokens=add_special_tokens).ids

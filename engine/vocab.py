@@ -272,9 +272,11 @@ def sentencepiece_model_file(path: Path) -> tuple[Backend, dict[str, Any]]:
     if norm.precompiled_charsmap:
         steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
     if norm.remove_extra_whitespaces:
+        # leading spaces are stripped by the Tokenizer before encoding, so that Metaspace still
+        # sees the text start at offset 0 and prepends "▁"
         steps += [
-            normalizers.Strip(left=True, right=True),
             normalizers.Replace(Regex(" {2,}"), " "),
+            normalizers.Strip(left=False, right=True),
         ]
     if steps:
         backend.normalizer = normalizers.Sequence(steps)
@@ -288,5 +290,6 @@ def sentencepiece_model_file(path: Path) -> tuple[Backend, dict[str, Any]]:
         # the Llama convention for a bare tokenizer.model; tokenizer_config.json overrides it
         "add_bos_token": True,
         "add_dummy_prefix": norm.add_dummy_prefix,
+        "remove_extra_whitespaces": norm.remove_extra_whitespaces,
     }
     return backend, specials

@@ -8,7 +8,8 @@
   `tokenizer.model`: ids equal the `sentencepiece` library's on the same texts (whitespace runs,
   leading spaces, emoji, CJK); unseen characters give the UNK id without byte fallback and byte
   pieces with it; the BPE model equals transformers' `LlamaTokenizer`; the same vocabulary
-  written into a GGUF (as llama.cpp stores it) tokenizes like sentencepiece.
+  written into a GGUF (as llama.cpp stores it) tokenizes like sentencepiece; models trained with
+  sentencepiece's default NFKC normalization and whitespace removal match too.
 - The streaming detokenizer: its segments concatenate to `decode(ids)` and never hold U+FFFD
   for emoji/CJK, where a naive per-token decode does; SentencePiece's leading-space rule holds.
 """
@@ -144,7 +145,7 @@ SPM_TEXTS = [
 UNSEEN = "你好🚀"  # characters absent from the training text
 
 
-def _train_spm(folder: Path, model_type: str, byte_fallback: bool) -> Path:
+def _train_spm(folder: Path, model_type: str, byte_fallback: bool, nfkc: bool = False) -> Path:
     import io
 
     spm = pytest.importorskip("sentencepiece")
@@ -157,8 +158,8 @@ def _train_spm(folder: Path, model_type: str, byte_fallback: bool) -> Path:
         vocab_size=400,
         model_type=model_type,
         byte_fallback=byte_fallback,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
+        normalization_rule_name="nmt_nfkc" if nfkc else "identity",
+        remove_extra_whitespaces=nfkc,
         character_coverage=1.0,
         unk_id=0,
         bos_id=1,
@@ -222,6 +223,19 @@ def test_spm_model_matches_sentencepiece(spm_folder):
         assert ours.encode(text) == [sp.bos_id(), *expected]  # add_bos_token: true
         if fallback or sp.unk_id() not in expected:  # sentencepiece spells UNK " ⁇ "
             assert ours.decode(expected) == sp.decode(expected)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_spm_nfkc_normalization_matches_sentencepiece(kind, tmp_path):
+    """sentencepiece's default normalization (NFKC charsmap, extra whitespace removed)."""
+    import sentencepiece as spm
+
+    folder = _train_spm(tmp_path / kind, kind, True, nfkc=True)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    ours = Tokenizer.from_path(folder)
+    texts = ["ｆｕｌｌｗｉｄｔｈ ① ﬁ Ⅻ ㎏ Å", "  lots   of   space  ", " x", "tab\there\nnew"]
+    for text in [*SPM_TEXTS, *texts]:
+        assert ours.encode(text, add_special_tokens=False) == sp.encode(text), text
 
 
 def test_spm_unknown_characters(spm_folder):
