@@ -214,3 +214,16 @@ def test_token_is_used_but_never_leaks(hub, tmp_path, monkeypatch, caplog):
     text = "\n".join([caplog.text, repr(events), repr(m.jobs()),
                       (tmp_path / "state" / "downloads.json").read_text()])
     assert SECRET not in text and "hf_revokedtoken" not in text
+
+
+def test_remove_running_job_drops_it_and_its_partial(hub, tmp_path):
+    hub.slow[(REPO, "tiny-Q4_0.gguf")] = 0.01
+    m = _manager(tmp_path)
+    jid = m.enqueue(REPO, include="*Q4_0.gguf")
+    while m.job(jid).bytes_done < 10_000:
+        time.sleep(0.01)
+    m.remove(jid)
+    assert m.jobs() == []
+    assert not list((hub.cache / "models--org--tiny-GGUF" / "blobs").glob("*"))
+    assert json.loads((tmp_path / "state" / "downloads.json").read_text())["jobs"] == []
+    m.close()

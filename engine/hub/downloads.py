@@ -199,6 +199,21 @@ class DownloadManager:
         self._emit(job, "status")
         self._start_worker()
 
+    def remove(self, job_id: str) -> None:
+        """Drop a job from the list (a running one is cancelled first; files already done stay)."""
+        with self._lock:
+            job = self._get(job_id)
+            if job.status == "running":
+                self._stop[job_id] = "cancel"
+                self._wake.set()
+        if job.status == "running":
+            self.wait(job_id, timeout=30)
+        with self._lock:
+            if job.status not in ("done", "cancelled"):
+                self._remove_partials(job)
+            self._jobs.pop(job_id, None)
+            self._save(force=True)
+
     def jobs(self) -> list[DownloadJob]:
         with self._lock:
             return [self._snapshot(j) for j in self._jobs.values()]
@@ -284,8 +299,11 @@ class DownloadManager:
         self._last_save = now
         data = {"version": 1, "jobs": [asdict(j) for j in self._jobs.values()]}
         tmp = self.state_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.state_file)
+        try:
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.state_file)
+        except OSError as e:  # e.g. the same disk is full: keep going, the partial files are the truth
+            log.warning("cannot save download state %s: %s", self.state_file, e.strerror or e)
 
     def _emit(self, job: DownloadJob, kind: str, f: FileState | None = None) -> None:
         now = time.monotonic()
