@@ -210,6 +210,9 @@ def test_token_is_used_but_never_leaks(hub, tmp_path, monkeypatch, caplog):
     path.write_text("hf_revokedtoken")  # now a token without access: an error that must not leak it
     bad = m.wait(m.enqueue("me/private", include="p.gguf", local_dir=tmp_path / "x"), timeout=30)
     assert bad.status == "failed" and "not found" in bad.error
+    monkeypatch.setenv("HF_TOKEN", SECRET)  # the environment wins over the saved (revoked) token
+    env = m.wait(m.enqueue("me/private", include="p.gguf", local_dir=tmp_path / "y"), timeout=30)
+    assert env.status == "done" and (tmp_path / "y" / "p.gguf").read_bytes() == b"z" * 12_000
     m.close()
     text = "\n".join([caplog.text, repr(events), repr(m.jobs()),
                       (tmp_path / "state" / "downloads.json").read_text()])
