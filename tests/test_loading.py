@@ -168,3 +168,88 @@ def test_repo_id_from_models_dir_and_hf_cache(tmp_path, monkeypatch):
     loaded = engine.load("other/tiny")
     assert loaded.path.resolve() == snap.resolve()
     assert loaded.info.name == "other/tiny"
+
+
+# --- GGUF written from tiny HF models the way llama.cpp's converter does it ------------------
+
+_GGUF_BLOCK = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+}
+
+
+def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # convert_hf_to_gguf.py, LlamaModel.permute: rows (H, 2, D/2) -> (H, D/2, 2)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(hf, arch: str, path) -> None:
+    gguf = pytest.importorskip("gguf")
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if getattr(c, "head_dim", None):
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["t", "0", "t0"] + [f"x{i}" for i in range(c.vocab_size - 3)])
+    w.add_token_types([1] * c.vocab_size)
+    w.add_token_merges(["t 0"])
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    for k, v in hf.state_dict().items():
+        v = v.numpy().astype(np.float32)
+        if k in top:
+            name = top[k]
+        else:
+            parts = k.split(".")
+            mod = ".".join(parts[3:-1])
+            name = f"blk.{parts[2]}.{_GGUF_BLOCK[mod]}.{parts[-1]}"
+            if arch == "llama" and mod == "self_attn.q_proj":
+                v = _llamacpp_permute(v, c.num_attention_heads)
+            if arch == "llama" and mod == "self_attn.k_proj":
+                v = _llamacpp_permute(v, c.num_key_value_heads)
+        w.add_tensor(name, v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gguf_families_match_transformers(tmp_path, arch):
+    """llama (Q/K rows permuted by the converter), qwen2 (q/k/v bias), qwen3 (q/k norm, head_dim)."""
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
+    }
+    cfg_cls, cls, extra = classes[arch]
+    torch.manual_seed(0)
+    cfg = cfg_cls(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, **extra)
+    cfg._attn_implementation = "eager"
+    hf = cls(cfg).eval()
+    path = tmp_path / f"{arch}.gguf"
+    _write_gguf(hf, arch, path)
+    if arch == "qwen3":
+        ref_model = hf  # transformers' GGUF reader ignores qwen3's key_length, so compare to the source
+    else:
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file=path.name, dtype=torch.float32, use_kernels=False
+        ).eval()
+    ids = _ids()
+    loaded = engine.load(path)
+    assert loaded.config["model_type"] == arch
+    out = np.array(loaded.model(mx.array(ids)))
+    assert np.abs(out - _hf_logits(ref_model, ids)).max() <= 1e-4
