@@ -49,11 +49,16 @@ def load_hf_config(folder: Path) -> dict[str, Any]:
     config = _read_json(folder / "config.json")
     # multimodal / wrapper configs keep the language model in `text_config`
     if "model_type" not in config and isinstance(config.get("text_config"), dict):
-        config = {**config["text_config"], **{k: v for k, v in config.items() if k != "text_config"}}
+        config = {
+            **config["text_config"],
+            **{k: v for k, v in config.items() if k != "text_config"},
+        }
     gen_path = folder / "generation_config.json"
     gen = _read_json(gen_path) if gen_path.exists() else {}
     config["generation_config"] = gen
-    config["eos_token_ids"] = sorted(set(_ids(config.get("eos_token_id")) + _ids(gen.get("eos_token_id"))))
+    config["eos_token_ids"] = sorted(
+        set(_ids(config.get("eos_token_id")) + _ids(gen.get("eos_token_id")))
+    )
     return config
 
 
@@ -63,17 +68,43 @@ GGUF_MAGIC = b"GGUF"
 
 # GGML tensor types: (name, block size in elements, bytes per block)
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36),
-    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8),
-    28: ("F64", 1, 8), 30: ("BF16", 1, 2),
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 36),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    30: ("BF16", 1, 2),
 }
 # what MLX's GGUF loader turns into arrays (quantized ones as affine triples)
 MLX_GGUF_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 
 
 @dataclass
@@ -165,7 +196,9 @@ def read_gguf_header(path: Path) -> GGUFHeader:
             name = r.string()
             n_dims = r.scalar("<I")
             if n_dims > 8:
-                raise ModelLoadError(f"{path}: corrupt GGUF header (tensor {name!r} has {n_dims} dims)")
+                raise ModelLoadError(
+                    f"{path}: corrupt GGUF header (tensor {name!r} has {n_dims} dims)"
+                )
             shape = tuple(r.scalar("<Q") for _ in range(n_dims))
             tensors.append(GGUFTensor(name, shape, r.scalar("<I"), r.scalar("<Q")))
         align = int(metadata.get("general.alignment", 32))
@@ -210,7 +243,9 @@ def gguf_config(header: GGUFHeader, path: Path) -> dict[str, Any]:
     n_heads = get("attention.head_count")
     hidden = get("embedding_length")
     if n_heads is None or hidden is None or get("block_count") is None:
-        raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.block_count/embedding_length/attention.head_count")
+        raise ModelLoadError(
+            f"{path}: GGUF metadata lacks {arch}.block_count/embedding_length/attention.head_count"
+        )
     n_kv = get("attention.head_count_kv", n_heads)
     # the embedding's row count is the truth; GGML lists dims fastest-first, so rows come last
     embd = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
@@ -246,7 +281,11 @@ def gguf_config(header: GGUFHeader, path: Path) -> dict[str, Any]:
         orig = get("rope.scaling.original_context_length")
         if orig:
             config["rope_scaling"]["original_max_position_embeddings"] = int(orig)
-    for hf_key, key in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+    for hf_key, key in (
+        ("bos_token_id", "bos"),
+        ("eos_token_id", "eos"),
+        ("pad_token_id", "padding"),
+    ):
         value = md.get(f"tokenizer.ggml.{key}_token_id")
         if value is not None:
             config[hf_key] = int(value)

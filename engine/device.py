@@ -38,7 +38,9 @@ def parse_dtype(name: str | mx.Dtype | None) -> mx.Dtype | None:
     if name is None or isinstance(name, mx.Dtype):
         return name
     key = str(name).replace("mlx.core.", "").lower()
-    key = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}.get(key, key)
+    key = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}.get(
+        key, key
+    )
     if key not in DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; supported: {', '.join(DTYPES)}")
     return DTYPES[key]
@@ -58,8 +60,11 @@ def dtype_name(dtype: mx.Dtype) -> str:
 def cast_weights(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
     """Floating tensors to `dtype`; packed integer tensors (quantized weights) untouched."""
     return {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype
-        and not k.endswith(".weight_scale_inv") else v  # fp8 block scales stay float32
+        k: v.astype(dtype)
+        if mx.issubdtype(v.dtype, mx.floating)
+        and v.dtype != dtype
+        and not k.endswith(".weight_scale_inv")
+        else v  # fp8 block scales stay float32
         for k, v in weights.items()
     }
 

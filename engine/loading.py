@@ -81,8 +81,13 @@ def resolve_path(path_or_repo: str | os.PathLike) -> Path:
 
         org, name = text.split("/")
         root = models_dir()
-        for cand in (root / org / name, root / f"{org}--{name}", root / name, root / f"{name}-GGUF",
-                     root / org / f"{name}-GGUF"):
+        for cand in (
+            root / org / name,
+            root / f"{org}--{name}",
+            root / name,
+            root / f"{name}-GGUF",
+            root / org / f"{name}-GGUF",
+        ):
             if cand.exists() and _has_model_files(cand):
                 return cand
         snap = _hf_cache_snapshot(text)
@@ -101,8 +106,22 @@ def _has_model_files(folder: Path) -> bool:
 # --- safetensors ----------------------------------------------------------------------------
 
 _ST_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-    "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "C64": 8,
 }
 
 
@@ -116,7 +135,9 @@ def check_safetensors(path: Path) -> list[str]:
                 raise ModelLoadError(f"{path}: truncated safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, 100 << 20):
-                raise ModelLoadError(f"{path}: safetensors header claims {n} bytes, file has {size}")
+                raise ModelLoadError(
+                    f"{path}: safetensors header claims {n} bytes, file has {size}"
+                )
             header = json.loads(f.read(n))
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror})") from None
@@ -324,7 +345,7 @@ def _folder_name(path: Path) -> str:
     parts = path.resolve().parts
     for i, part in enumerate(parts):
         if part.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":
-            return part[len("models--"):].replace("--", "/")
+            return part[len("models--") :].replace("--", "/")
     return path.name
 
 
@@ -361,8 +382,10 @@ def load(
         if len(ggufs) == 1:
             gguf_file = ggufs[0]
         elif len(ggufs) > 1:
-            raise ModelLoadError(f"{path}: holds {len(ggufs)} .gguf files; pass one of them: "
-                                 + ", ".join(g.name for g in ggufs))
+            raise ModelLoadError(
+                f"{path}: holds {len(ggufs)} .gguf files; pass one of them: "
+                + ", ".join(g.name for g in ggufs)
+            )
         else:
             raise ModelLoadError(f"{path}: no config.json and no .gguf file")
     cdtype = parse_dtype(dtype) or compute_dtype()
@@ -380,7 +403,9 @@ def load(
         if kv_bits not in (4, 8):
             raise ModelLoadError(f"kv_bits={kv_bits}: expected 4 or 8")
         if not getattr(model, "supports_kv_bits", False):
-            raise ModelLoadError(f"kv_bits={kv_bits}: model_type {config['model_type']!r} has no quantized cache")
+            raise ModelLoadError(
+                f"kv_bits={kv_bits}: model_type {config['model_type']!r} has no quantized cache"
+            )
         model.kv_bits = kv_bits
     tokenizer = _load_tokenizer(where, gguf_file is not None, config)
     adapter_str = None

@@ -31,9 +31,15 @@ VOCAB = 128
 def _tiny_llama(tmp_path, name="tiny", **kw):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-        tie_word_embeddings=False, **kw,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        **kw,
     )
     cfg._attn_implementation = "eager"
     hf = transformers.LlamaForCausalLM(cfg).eval()
@@ -71,7 +77,7 @@ def test_default_gguf_matches_transformers(default_model_path):
     seq = ids[0].tolist()
     for _ in range(8):
         seq.append(int(_hf_logits(hf, np.array([seq]))[0, -1].argmax()))
-    ref_gen = seq[ids.shape[1]:]
+    ref_gen = seq[ids.shape[1] :]
     cache = loaded.model.make_cache()
     logits = loaded.model(mx.array(ids), cache=cache)
     out = []
@@ -102,7 +108,9 @@ def test_sharded_safetensors(tmp_path):
     assert np.abs(out - _hf_logits(hf, ids)).max() <= 1e-4
 
 
-def _dequant_affine_np(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> np.ndarray:
+def _dequant_affine_np(
+    w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int
+) -> np.ndarray:
     """MLX affine layout: values packed little-end-first into uint32 words, per-group scale/bias."""
     per_word = 32 // bits
     shifts = (np.arange(per_word, dtype=np.uint32) * bits)[None, None, :]
@@ -132,12 +140,17 @@ def test_mlx_affine_quantized_folder(tmp_path):
     # reference: transformers with the same weights dequantized in numpy
     state = {}
     for k in hf.state_dict():
-        if f"{k[:-len('.weight')]}.scales" in params:
+        if f"{k[: -len('.weight')]}.scales" in params:
             base = k[: -len(".weight")]
-            state[k] = torch.tensor(_dequant_affine_np(
-                np.array(params[k]), np.array(params[f"{base}.scales"]).astype(np.float64),
-                np.array(params[f"{base}.biases"]).astype(np.float64), 4,
-            ), dtype=torch.float32)
+            state[k] = torch.tensor(
+                _dequant_affine_np(
+                    np.array(params[k]),
+                    np.array(params[f"{base}.scales"]).astype(np.float64),
+                    np.array(params[f"{base}.biases"]).astype(np.float64),
+                    4,
+                ),
+                dtype=torch.float32,
+            )
         else:
             state[k] = torch.tensor(np.array(params[k]))
     hf.load_state_dict(state)
@@ -173,16 +186,27 @@ def test_repo_id_from_models_dir_and_hf_cache(tmp_path, monkeypatch):
 # --- GGUF written from tiny HF models the way llama.cpp's converter does it ------------------
 
 _GGUF_BLOCK = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 
 
 def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     # convert_hf_to_gguf.py, LlamaModel.permute: rows (H, 2, D/2) -> (H, D/2, 2)
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _write_gguf(hf, arch: str, path) -> None:
@@ -204,8 +228,11 @@ def _write_gguf(hf, arch: str, path) -> None:
     w.add_token_list(["t", "0", "t0"] + [f"x{i}" for i in range(c.vocab_size - 3)])
     w.add_token_types([1] * c.vocab_size)
     w.add_token_merges(["t 0"])
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     for k, v in hf.state_dict().items():
         v = v.numpy().astype(np.float32)
         if k in top:
@@ -235,15 +262,26 @@ def test_gguf_families_match_transformers(tmp_path, arch):
     }
     cfg_cls, cls, extra = classes[arch]
     torch.manual_seed(0)
-    cfg = cfg_cls(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                  rms_norm_eps=1e-5, tie_word_embeddings=False, **extra)
+    cfg = cfg_cls(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        **extra,
+    )
     cfg._attn_implementation = "eager"
     hf = cls(cfg).eval()
     path = tmp_path / f"{arch}.gguf"
     _write_gguf(hf, arch, path)
     if arch == "qwen3":
-        ref_model = hf  # transformers' GGUF reader ignores qwen3's key_length, so compare to the source
+        ref_model = (
+            hf  # transformers' GGUF reader ignores qwen3's key_length, so compare to the source
+        )
     else:
         ref_model = transformers.AutoModelForCausalLM.from_pretrained(
             tmp_path, gguf_file=path.name, dtype=torch.float32, use_kernels=False

@@ -38,8 +38,12 @@ def _fails(path, *needles: str, **kw) -> str:
 def tiny(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
-        vocab_size=64, max_position_embeddings=32,
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
     )
     folder = tmp_path / "tiny"
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
@@ -104,7 +108,9 @@ def test_header_offsets_past_end(tiny):
 
 
 def test_missing_shard(tiny):
-    weights = json.loads(json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    weights = json.loads(
+        json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
+    )
     (tiny / "model.safetensors.index.json").write_text(json.dumps(weights))
     _fails(tiny, "model-00002-of-00002.safetensors", "missing")
 

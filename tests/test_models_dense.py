@@ -28,8 +28,14 @@ VOCAB = 128
 TOL = 1e-4
 
 BASE = dict(
-    hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5,
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
 )
 
 
@@ -57,11 +63,17 @@ CASES = {
         transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=VOCAB),
         transformers.GPT2LMHeadModel,
     ),
-    "rope-linear": lambda: _llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    "rope-linear": lambda: _llama(
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    ),
     "rope-llama3": lambda: _llama(
         rope_parameters={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8, "rope_theta": 500.0,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+            "rope_theta": 500.0,
         }
     ),
     "rope-dynamic": lambda: _llama(
@@ -70,14 +82,22 @@ CASES = {
     ),
     "rope-yarn": lambda: _llama(
         rope_parameters={
-            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
             "rope_theta": 10000.0,
         }
     ),
     "rope-yarn-mscale": lambda: _llama(
         rope_parameters={
-            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
-            "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2, "rope_theta": 10000.0,
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.5,
+            "beta_fast": 16,
+            "beta_slow": 2,
+            "rope_theta": 10000.0,
         }
     ),
 }

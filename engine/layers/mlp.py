@@ -32,7 +32,9 @@ def activation(name: str):
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}") from None
+        raise ValueError(
+            f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}"
+        ) from None
 
 
 class SwiGLU(nn.Module):

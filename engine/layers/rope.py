@@ -48,7 +48,9 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
-def yarn_attention_factor(params: dict[str, Any], max_position_embeddings: int | None = None) -> float:
+def yarn_attention_factor(
+    params: dict[str, Any], max_position_embeddings: int | None = None
+) -> float:
     """The factor YaRN multiplies cos/sin by (so q·k scores by its square), as HF computes it."""
     factor = params.get("factor")
     if factor is None:
@@ -69,7 +71,10 @@ def llama3_inv_freq(dims: int, base: float, params: dict[str, Any]) -> mx.array:
     """Llama 3.1: low frequencies divided by `factor`, high kept, a smooth blend in between."""
     inv = default_inv_freq(dims, base)
     factor = float(params["factor"])
-    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    low, high = (
+        float(params.get("low_freq_factor", 1.0)),
+        float(params.get("high_freq_factor", 4.0)),
+    )
     old_ctx = float(params["original_max_position_embeddings"])
     wavelen = 2 * math.pi / inv
     scaled = mx.where(wavelen > old_ctx / low, inv / factor, inv)
@@ -136,7 +141,9 @@ class RoPE(nn.Module):
             inv = yarn_inv_freq(dims, self.base, params, max_position_embeddings)
             self.mscale = yarn_attention_factor(params, max_position_embeddings)
         elif self.rope_type not in ("default", "dynamic"):
-            raise ValueError(f"unsupported rope_type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+            raise ValueError(
+                f"unsupported rope_type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
+            )
         # mx.fast.rope takes per-pair periods (1/inv_freq); stored privately, not a parameter.
         self._periods = None if inv is None else 1.0 / inv
 
@@ -153,8 +160,13 @@ class RoPE(nn.Module):
             x = x * self.mscale
         if self._periods is not None:
             return mx.fast.rope(
-                x, self.dims, traditional=self.traditional, base=None, scale=self.scale,
-                offset=offset, freqs=self._periods,
+                x,
+                self.dims,
+                traditional=self.traditional,
+                base=None,
+                scale=self.scale,
+                offset=offset,
+                freqs=self._periods,
             )
         base = self.base
         if self.rope_type == "dynamic":
@@ -170,5 +182,8 @@ def make_rope(
     """RoPE for one attention layer from a HF-style config dict."""
     params = rope_config(config)
     if dims is None:
-        dims = int(head_dim * float(params.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0)))
+        dims = int(
+            head_dim
+            * float(params.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0))
+        )
     return RoPE(dims, params, traditional, config.get("max_position_embeddings"))

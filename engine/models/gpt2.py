@@ -139,9 +139,16 @@ class Model(nn.Module):
         # Conv1D stores (in, out); c_attn's non-square shape tells which layout this file uses
         c_attn = out.get("transformer.h.0.attn.c_attn.weight")
         n_embd = self.args.n_embd
-        if c_attn is not None and c_attn.dtype != mx.uint32 and tuple(c_attn.shape) == (n_embd, 3 * n_embd):
+        if (
+            c_attn is not None
+            and c_attn.dtype != mx.uint32
+            and tuple(c_attn.shape) == (n_embd, 3 * n_embd)
+        ):
             for k in list(out):
-                if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) and out[k].ndim == 2:
+                if (
+                    k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+                    and out[k].ndim == 2
+                ):
                     out[k] = out[k].T
         if self.args.tie_word_embeddings:
             out.pop("lm_head.weight", None)
