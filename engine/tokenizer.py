@@ -174,7 +174,7 @@ class Tokenizer:
                 raise TokenizerError(
                     f"{source}: byte-level vocabulary without 'tokenizer.ggml.merges'"
                 )
-            backend = byte_level_backend(tokens, list(merges), get("ggml.pre"))
+            backend = byte_level_backend(tokens, list(merges), get("ggml.pre"), types)
             add_bos_default = False
         elif kind == "llama":
             scores = get("ggml.scores")

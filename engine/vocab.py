@@ -145,9 +145,31 @@ def py_value(value: Any) -> Any:
 # Building `tokenizers` pipelines
 
 
-def byte_level_backend(tokens: list[str], merges: list[str], pre: str | None) -> Backend:
-    """Byte-level BPE (GPT-2 family): tokens are spelled in GPT-2's byte alphabet."""
-    vocab = {tok: i for i, tok in enumerate(tokens)}
+def gpt2_byte_alphabet() -> dict[int, str]:
+    """GPT-2's spelling of bytes: printable Latin-1 as itself, the rest as chr(256 + n)."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    spelling = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in spelling:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def byte_level_backend(
+    tokens: list[str], merges: list[str], pre: str | None, types: Sequence[int] | None = None
+) -> Backend:
+    """Byte-level BPE (GPT-2 family): tokens are spelled in GPT-2's byte alphabet. An ordinary
+    token the file spells in plain text is respelled (as transformers does); control tokens keep
+    their text, since they are matched whole as special tokens."""
+    spelling = gpt2_byte_alphabet()
+    alphabet = set(spelling.values())
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        if not set(tok) <= alphabet and (types is None or types[i] != CONTROL):
+            tok = "".join(spelling[b] for b in tok.encode("utf-8"))
+        vocab.setdefault(tok, i)
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     backend = Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     split = _PRE_SPLITS.get(pre or "")

@@ -420,3 +420,10 @@ def test_streaming_detokenizer_on_random_ids(ours):
         assert "".join(pieces) == ours.decode(seq)
 
     check()
+
+
+def test_gpt2_byte_alphabet_matches_transformers():
+    convert = pytest.importorskip("transformers.convert_slow_tokenizer")
+    from engine.vocab import gpt2_byte_alphabet
+
+    assert gpt2_byte_alphabet() == convert.bytes_to_unicode()
