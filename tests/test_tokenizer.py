@@ -255,14 +255,13 @@ def test_spm_unknown_characters(spm_folder):
         assert ours.unk_id in ids
 
 
-def test_spm_gguf_matches_sentencepiece(spm_folder, tmp_path):
-    """A GGUF vocabulary is scored-BPE (llama.cpp's SPM algorithm), equal to sentencepiece for a
-    BPE-trained model."""
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_spm_gguf_matches_sentencepiece(byte_fallback, tmp_path):
+    """A GGUF vocabulary is scored-BPE (llama.cpp's SPM algorithm, whatever the model was trained
+    as), equal to sentencepiece for a BPE-trained model."""
     import sentencepiece as spm
 
-    folder, kind, _ = spm_folder
-    if kind != "bpe":
-        pytest.skip("llama.cpp tokenizes every GGUF SentencePiece vocabulary by merge scores")
+    folder = _train_spm(tmp_path / "spm", "bpe", byte_fallback)
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     ours = Tokenizer.from_path(_write_spm_gguf(folder / "tokenizer.model", tmp_path / "spm.gguf"))
     assert ours.add_bos and ours.bos_id == 1 and ours.eos_ids == {2} and ours.unk_id == 0
@@ -271,15 +270,13 @@ def test_spm_gguf_matches_sentencepiece(spm_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_spm_model_matches_transformers_llama_tokenizer(spm_folder):
+def test_spm_model_matches_transformers_llama_tokenizer(tmp_path):
     """transformers' LlamaTokenizer is scored BPE with byte fallback: compare it on the model it
     describes. (It drops unseen characters instead of giving UNK when the vocabulary has no byte
     pieces, and it gives "▁hi" for " hi" where sentencepiece gives "▁▁hi"; we follow
     sentencepiece there, tested above.)"""
     transformers = pytest.importorskip("transformers")
-    folder, kind, fallback = spm_folder
-    if kind != "bpe" or not fallback:
-        pytest.skip("LlamaTokenizer describes BPE models with byte fallback")
+    folder = _train_spm(tmp_path / "spm", "bpe", True)
     ref = transformers.LlamaTokenizer.from_pretrained(str(folder))
     ours = Tokenizer.from_path(folder)
     for text in [t for t in SPM_TEXTS if not t.startswith(" ")] + [UNSEEN]:
