@@ -144,9 +144,11 @@ def test_quantized_latent_cache_logit_error(tmp_path):
 
     This random model amplifies perturbations (logits up to ~3.5), so the bounds are relative to
     the logit range: 8-bit within 3%, 4-bit within 50%; the numbers are printed for the record.
+    All layers are dense here: in a tiny random MoE a perturbation can flip a router choice,
+    which says nothing about the cache (bench/deepseek_cache.py reports the MoE model's error).
     """
     folder, _ = make_checkpoint(tmp_path, "deepseek_v3", kv_lora_rank=64, qk_rope_head_dim=32,
-                                n_group=2, topk_group=1, first_k_dense_replace=1)
+                                n_group=2, topk_group=1, first_k_dense_replace=3)
     model = engine.load(folder, dtype="float32", kv_bits=8).model
     assert type(model.make_cache()[0]).__name__ == "QuantizedLatentCache"  # the load's default
     exact = _stepwise(model, cache=model.make_cache(kv_bits=0))
@@ -157,8 +159,8 @@ def test_quantized_latent_cache_logit_error(tmp_path):
         got = _stepwise(model, cache=cache)
         errors[bits] = float(np.abs(got - exact).max())
         print(f"\n{bits}-bit latent cache: max abs logit error {errors[bits]:.2e} (logit range {scale:.2f})")
-        # B=2 rows; 96 values packed, 3 groups of 32 with fp32 scale and bias each
-        assert cache[0].bytes_per_token == 2 * (96 * bits // 8 + 2 * 3 * 4) < 2 * 96 * 4
+        # B=2 rows; 96 values packed; c_kv in one group of 64, k_pe in one of 32, fp32 scale+bias each
+        assert cache[0].bytes_per_token == 2 * (96 * bits // 8 + 2 * 2 * 4) < 2 * 96 * 4
     assert 0 < errors[8] < 0.03 * scale
     assert errors[8] < errors[4] < 0.5 * scale
 

@@ -84,18 +84,15 @@ def test_quantized_absorbed_equals_attention_over_dequantized_rows(bits):
     qcache = QuantizedLatentCache(32, 32, bits=bits)
     _run(attn, x[:, :6], "materialized", qcache)
     got = _run(attn, x[:, 6:], "absorbed", qcache)  # quantized matmuls over the packed rows
-    # the same held rows, dequantized, through the plain absorbed path
-    rows = qcache.dequantize(qcache.state)
-    plain = LatentCache(32, 32)
-    plain.state = (rows[..., :6, :],)
-    c_kv, k_pe = mx.split(rows[..., 6:, :], [32], axis=-1)
+    # the same held parts, dequantized, through the plain absorbed path
+    c_kv, k_pe = qcache.dequantize((qcache.state[:3], qcache.state[3:]))
 
-    class Replay(LatentCache):  # appends the dequantized new row instead of the exact one
+    class Replay(LatentCache):  # holds the dequantized history, appends the dequantized new row
         def update_and_fetch(self, _c, _k):
-            return super().update_and_fetch(c_kv, k_pe)
+            return super().update_and_fetch(c_kv[..., 6:, :], k_pe[..., 6:, :])
 
     replay = Replay(32, 32)
-    replay.state = plain.state
+    replay.state = (c_kv[..., :6, :], k_pe[..., :6, :])
     want = _run(attn, x[:, 6:], "absorbed", replay)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
     assert qcache.bytes_per_token == 2 * (64 * bits // 8 + 2 * 2 * 4)  # 2 groups of 32, fp32 scale+bias
@@ -117,10 +114,11 @@ def test_latent_cache_holds_exactly_the_latent():
     row = 24 + 8
     for c in cache:
         assert c.offset == 40
-        assert c.latent.shape == (1, 1, 256, row)  # one 256-step block allocated
+        c_kv, k_pe = c.state
+        assert c_kv.shape == (1, 1, 40, 24) and k_pe.shape == (1, 1, 40, 8)
         assert c.bytes_per_token == row * 4
-        assert c.nbytes == 256 * row * 4
-    in_use = sum(c.state[0].nbytes for c in cache)
+        assert c.nbytes == 256 * row * 4  # one 256-step block allocated
+    in_use = sum(a.nbytes for c in cache for a in c.state)
     assert in_use == row * 3 * 40 * 4  # (r + rope) x layers x tokens x itemsize
 
     big = LatentCache(24, 8)
@@ -128,12 +126,13 @@ def test_latent_cache_holds_exactly_the_latent():
     assert big.nbytes == 512 * row * 4  # grown in steps of 256
 
     c = cache[0]
-    before = np.array(c.state[0])
+    before = [np.array(a) for a in c.state]
     assert c.trim(4) == 4 and c.offset == 36
     restored = LatentCache(1, 1)
     restored.state, restored.meta_state = c.state, c.meta_state
     assert restored.offset == 36 and restored.row == row
-    np.testing.assert_array_equal(np.array(restored.state[0]), before[..., :36, :])
+    for a, b in zip(restored.state, before):
+        np.testing.assert_array_equal(np.array(a), b[..., :36, :])
 
 
 def test_softmax_scale_yarn_formula():

@@ -1,8 +1,8 @@
 """Multi-head latent attention (DeepSeek-V2 §2.1) and the latent-only caches it decodes from.
 
 Per token, a layer caches only the normalised latent c_kv (kv_lora_rank values, after
-`kv_a_layernorm`) and the rotated shared key k_pe (qk_rope_head_dim values), stored side by side
-as one row of kv_lora_rank + qk_rope_head_dim. Two ways to attend over it, same result:
+`kv_a_layernorm`) and the rotated shared key k_pe (qk_rope_head_dim values): kv_lora_rank +
+qk_rope_head_dim values in all. Two ways to attend over them, same result:
 
 - absorbed (decoding): the key up-projection W_UK is folded into the query
   (q_lat = q_nope·W_UK), so scores are q_lat·c_kv + q_pe·k_pe against the cached rows
@@ -12,8 +12,8 @@ as one row of kv_lora_rank + qk_rope_head_dim. Two ways to attend over it, same 
   the attention of this call only, then dropped; with many queries this is cheaper.
 
 `LatentCache` keeps the rows in full precision; `QuantizedLatentCache` keeps them MLX-affine
-quantized (8 or 4 bits, groups along the row that never straddle the c_kv/k_pe boundary) and the
-absorbed path reads them through `mx.quantized_matmul` without dequantizing the whole cache.
+quantized (8 or 4 bits, groups of 64 or 32 along each part) and the absorbed path reads them
+through `mx.quantized_matmul` without dequantizing the whole cache.
 
 This module does not know MoE, the decoder layer, or how a checkpoint names its config keys:
 `engine/models/deepseek_v2.py` passes the dimensions in.
@@ -35,8 +35,9 @@ from engine.layers.rope import make_rope, rope_config, yarn_get_mscale
 
 
 class LatentCache:
-    """One MLA layer's cache: rows [c_kv | k_pe] in a (B, 1, S, kv_lora_rank + rope_dim) buffer.
+    """One MLA layer's cache: c_kv (B, 1, S, kv_lora_rank) and k_pe (B, 1, S, rope_dim).
 
+    The two parts live in separate buffers so each is contiguous for the matmuls reading it.
     Capacity grows in steps of `step` positions; `nbytes` is what is allocated,
     `bytes_per_token` what one more position costs.
     """
@@ -46,45 +47,50 @@ class LatentCache:
     def __init__(self, kv_lora_rank: int, rope_dim: int) -> None:
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = rope_dim
-        self.latent: mx.array | None = None  # (B, 1, capacity, r + rope)
+        self.buffers: list[mx.array] | None = None  # each (B, 1, capacity, ·)
         self.offset = 0
 
     @property
     def row(self) -> int:
+        """Values held per token (per batch row): kv_lora_rank + rope_dim."""
         return self.kv_lora_rank + self.rope_dim
 
-    def _grow(self, b: int, dtype: mx.Dtype, needed: int) -> None:
-        size = -(-needed // self.step) * self.step
-        new = mx.zeros((b, 1, size, self.row), dtype)
-        if self.latent is not None and self.offset > 0:
-            new[..., : self.offset, :] = self.latent[..., : self.offset, :]
-        self.latent = new
-
-    def update_and_fetch(self, c_kv: mx.array, k_pe: mx.array) -> mx.array:
-        """Append c_kv (B, 1, L, r) and k_pe (B, 1, L, rope); return all rows (B, 1, S, r + rope)."""
-        rows = mx.concatenate([c_kv, k_pe], axis=-1)
-        b, _, n, _ = rows.shape
+    def _append(self, new: list[mx.array]) -> list[mx.array]:
+        """Write L new positions into each buffer (growing them if needed); return views [:S]."""
+        b, _, n, _ = new[0].shape
         end = self.offset + n
+        bufs = self.buffers
         if (
-            self.latent is None
-            or end > self.latent.shape[2]
-            or self.latent.shape[0] != b
-            or self.latent.dtype != rows.dtype
+            bufs is None
+            or end > bufs[0].shape[2]
+            or bufs[0].shape[0] != b
+            or any(x.dtype != y.dtype for x, y in zip(bufs, new))
         ):
-            self._grow(b, rows.dtype, end)
-        self.latent[..., self.offset : end, :] = rows
+            size = -(-end // self.step) * self.step
+            grown = [mx.zeros((b, 1, size, x.shape[-1]), x.dtype) for x in new]
+            if bufs is not None and self.offset > 0 and bufs[0].shape[0] == b:
+                for g, old in zip(grown, bufs):
+                    g[..., : self.offset, :] = old[..., : self.offset, :]
+            self.buffers = bufs = grown
+        for buf, x in zip(bufs, new):
+            buf[..., self.offset : end, :] = x
         self.offset = end
-        return self.latent[..., :end, :]
+        return [buf[..., :end, :] for buf in bufs]
+
+    def update_and_fetch(self, c_kv: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
+        """Append c_kv (B, 1, L, r) and k_pe (B, 1, L, rope); return all held (B, 1, S, ·)."""
+        c, k = self._append([c_kv, k_pe])
+        return c, k
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.latent is None else self.latent.nbytes
+        return 0 if self.buffers is None else sum(b.nbytes for b in self.buffers)
 
     @property
     def bytes_per_token(self) -> int:
-        if self.latent is None:
+        if self.buffers is None:
             return 0
-        return self.latent.shape[0] * self.row * self.latent.dtype.size
+        return sum(b.shape[0] * b.shape[-1] * b.dtype.size for b in self.buffers)
 
     def is_trimmable(self) -> bool:
         return True
@@ -95,19 +101,19 @@ class LatentCache:
         return n
 
     def empty(self) -> bool:
-        return self.latent is None or self.offset == 0
+        return self.buffers is None or self.offset == 0
 
     @property
     def state(self) -> tuple:
-        return () if self.latent is None else (self.latent[..., : self.offset, :],)
+        return () if self.buffers is None else tuple(b[..., : self.offset, :] for b in self.buffers)
 
     @state.setter
     def state(self, value) -> None:
         if not value:
-            self.latent, self.offset = None, 0
+            self.buffers, self.offset = None, 0
             return
-        (self.latent,) = value
-        self.offset = self.latent.shape[2]
+        self.buffers = list(value)
+        self.offset = self.buffers[0].shape[2]
 
     @property
     def meta_state(self) -> tuple[str, ...]:
@@ -116,103 +122,50 @@ class LatentCache:
     @meta_state.setter
     def meta_state(self, value) -> None:
         if value:
-            self.offset, self.kv_lora_rank, self.rope_dim = (int(v) for v in value)
+            self.offset, self.kv_lora_rank, self.rope_dim = (int(v) for v in value[:3])
 
 
-def latent_group_size(kv_lora_rank: int, rope_dim: int) -> int:
-    """The largest MLX group size (64, then 32) dividing both parts of a latent row."""
+def group_size_for(dims: int) -> int:
+    """The largest MLX group size (64, then 32) dividing `dims`."""
     for g in (64, 32):
-        if kv_lora_rank % g == 0 and rope_dim % g == 0:
+        if dims % g == 0:
             return g
-    raise ValueError(
-        f"quantized latent cache needs kv_lora_rank ({kv_lora_rank}) and qk_rope_head_dim "
-        f"({rope_dim}) divisible by 32"
-    )
+    raise ValueError(f"quantized latent cache: dimension {dims} is not divisible by 32")
 
 
 class QuantizedLatentCache(LatentCache):
-    """LatentCache whose rows are stored MLX-affine quantized: (packed uint32, scales, biases)."""
+    """LatentCache whose parts are stored MLX-affine quantized, each as (packed uint32, scales,
+    biases) grouped along its own last axis (groups of 64, or 32 where 64 does not divide)."""
 
-    def __init__(self, kv_lora_rank: int, rope_dim: int, bits: int = 8, group_size: int | None = None):
+    def __init__(self, kv_lora_rank: int, rope_dim: int, bits: int = 8):
         super().__init__(kv_lora_rank, rope_dim)
         if bits not in (4, 8):
             raise ValueError(f"kv_bits must be 4 or 8, got {bits}")
         self.bits = bits
-        self.group_size = group_size or latent_group_size(kv_lora_rank, rope_dim)
-        self.quantized: tuple[mx.array, mx.array, mx.array] | None = None
+        self.group_sizes = (group_size_for(kv_lora_rank), group_size_for(rope_dim))
 
-    def _grow(self, b: int, dtype: mx.Dtype, needed: int) -> None:
-        size = -(-needed // self.step) * self.step
-        words = self.row * self.bits // 32
-        groups = self.row // self.group_size
-        new = (
-            mx.zeros((b, 1, size, words), mx.uint32),
-            mx.zeros((b, 1, size, groups), dtype),
-            mx.zeros((b, 1, size, groups), dtype),
+    def update_and_fetch(self, c_kv: mx.array, k_pe: mx.array) -> tuple[tuple, tuple]:
+        """Append L positions; return ((c_kv packed, scales, biases), (k_pe ...)), each (B, 1, S, ·)."""
+        gc, gk = self.group_sizes
+        held = self._append([*mx.quantize(c_kv, gc, self.bits), *mx.quantize(k_pe, gk, self.bits)])
+        return tuple(held[:3]), tuple(held[3:])
+
+    def dequantize(self, held: tuple[tuple, tuple]) -> tuple[mx.array, mx.array]:
+        """(quantized c_kv, quantized k_pe) -> the float parts they stand for."""
+        return tuple(
+            mx.dequantize(*part, group_size=g, bits=self.bits) for part, g in zip(held, self.group_sizes)
         )
-        if self.quantized is not None and self.offset > 0:
-            for old, fresh in zip(self.quantized, new):
-                fresh[..., : self.offset, :] = old[..., : self.offset, :]
-        self.quantized = new
-
-    def update_and_fetch(self, c_kv: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Append L positions; return the held rows as (packed, scales, biases), each (B, 1, S, ·)."""
-        rows = mx.concatenate([c_kv, k_pe], axis=-1)
-        b, _, n, _ = rows.shape
-        end = self.offset + n
-        q = mx.quantize(rows, self.group_size, self.bits)
-        if (
-            self.quantized is None
-            or end > self.quantized[0].shape[2]
-            or self.quantized[0].shape[0] != b
-            or self.quantized[1].dtype != rows.dtype
-        ):
-            self._grow(b, rows.dtype, end)
-        for store, new in zip(self.quantized, q):
-            store[..., self.offset : end, :] = new
-        self.offset = end
-        return tuple(t[..., :end, :] for t in self.quantized)
-
-    def dequantize(self, packed: tuple[mx.array, mx.array, mx.array]) -> mx.array:
-        return mx.dequantize(*packed, group_size=self.group_size, bits=self.bits)
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.quantized is None else sum(t.nbytes for t in self.quantized)
-
-    @property
-    def bytes_per_token(self) -> int:
-        if self.quantized is None:
-            return 0
-        return sum(t.shape[0] * t.shape[-1] * t.dtype.size for t in self.quantized)
-
-    def empty(self) -> bool:
-        return self.quantized is None or self.offset == 0
-
-    @property
-    def state(self) -> tuple:
-        if self.quantized is None:
-            return ()
-        return tuple(t[..., : self.offset, :] for t in self.quantized)
-
-    @state.setter
-    def state(self, value) -> None:
-        if not value:
-            self.quantized, self.offset = None, 0
-            return
-        self.quantized = tuple(value)
-        self.offset = self.quantized[0].shape[2]
 
     @property
     def meta_state(self) -> tuple[str, ...]:
-        return (*LatentCache.meta_state.fget(self), str(self.bits), str(self.group_size))
+        return (*LatentCache.meta_state.fget(self), str(self.bits))
 
     @meta_state.setter
     def meta_state(self, value) -> None:
         if value:
-            self.offset, self.kv_lora_rank, self.rope_dim, self.bits, self.group_size = (
-                int(v) for v in value
-            )
+            LatentCache.meta_state.fset(self, value)
+            self.bits = int(value[3])
+            self.group_sizes = (group_size_for(self.kv_lora_rank), group_size_for(self.rope_dim))
 
 
 def make_latent_cache(kv_lora_rank: int, rope_dim: int, kv_bits: int | None = None) -> LatentCache:
@@ -313,26 +266,27 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             held = cache.update_and_fetch(c_kv, k_pe)
         else:
-            held = mx.concatenate([c_kv, k_pe], axis=-1)  # (B, 1, S, r + rope)
+            held = (c_kv, k_pe)  # (B, 1, S, r), (B, 1, S, rope)
         absorbed = self.mode == "absorbed" or (self.mode == "auto" and L == 1)
-        if isinstance(held, tuple):  # quantized rows
+        if isinstance(held[0], tuple):  # quantized parts
             if absorbed:
                 out = self._absorbed_quantized(q_nope, q_pe, held, cache, mask)
             else:
-                out = self._materialized(q_nope, q_pe, cache.dequantize(held), mask)
+                out = self._materialized(q_nope, q_pe, *cache.dequantize(held), mask)
         elif absorbed:
-            out = self._absorbed(q_nope, q_pe, held, mask)
+            out = self._absorbed(q_nope, q_pe, *held, mask)
         else:
-            out = self._materialized(q_nope, q_pe, held, mask)
+            out = self._materialized(q_nope, q_pe, *held, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     # -- the two paths ------------------------------------------------------------------
 
-    def _materialized(self, q_nope: mx.array, q_pe: mx.array, rows: mx.array, mask: Any) -> mx.array:
-        """Per-head K/V from the latent rows (B, 1, S, r + rope), for this call only."""
+    def _materialized(
+        self, q_nope: mx.array, q_pe: mx.array, c_kv: mx.array, k_pe: mx.array, mask: Any
+    ) -> mx.array:
+        """Per-head K/V from the latent (B, 1, S, r) and k_pe (B, 1, S, rope), for this call only."""
         B, H = q_nope.shape[:2]
-        S = rows.shape[2]
-        c_kv, k_pe = mx.split(rows, [self.kv_lora_rank], axis=-1)
+        S = c_kv.shape[2]
         kv = self.kv_b_proj(c_kv[:, 0])  # (B, S, H·(nope + v))
         kv = kv.reshape(B, S, H, -1).transpose(0, 2, 1, 3)  # (B, H, S, nope + v)
         k_nope, v = mx.split(kv, [self.qk_nope_head_dim], axis=-1)
@@ -340,40 +294,50 @@ class MultiHeadLatentAttention(nn.Module):
         qf = mx.concatenate([q_nope, q_pe], axis=-1)  # (B, H, L, nope + rope)
         return scaled_dot_product_attention(qf, k, v, self.scale, mask)  # (B, H, L, v)
 
-    def _absorbed(self, q_nope: mx.array, q_pe: mx.array, rows: mx.array, mask: Any) -> mx.array:
-        """Attention in latent space: keys are the rows themselves, values their c_kv part."""
-        w = self._kv_b_weight()
-        w_uk, w_uv = mx.split(w, [self.qk_nope_head_dim], axis=1)  # (H, nope, r), (H, v, r)
-        q_lat = q_nope @ w_uk  # (B, H, L, r)
-        qf = mx.concatenate([q_lat, q_pe], axis=-1)  # (B, H, L, r + rope)
-        o_lat = scaled_dot_product_attention(qf, rows, rows[..., : self.kv_lora_rank], self.scale, mask)
-        return o_lat @ w_uv.swapaxes(-1, -2)  # (B, H, L, r) -> (B, H, L, v)
+    def _absorbed(
+        self, q_nope: mx.array, q_pe: mx.array, c_kv: mx.array, k_pe: mx.array, mask: Any
+    ) -> mx.array:
+        """Attention in latent space: scores against c_kv and k_pe, values are c_kv itself."""
+        return self._latent_attention(
+            q_nope, q_pe, c_kv.shape[2], mask,
+            scores=lambda q_lat, q_rot: q_lat @ c_kv.swapaxes(-1, -2) + q_rot @ k_pe.swapaxes(-1, -2),
+            mix=lambda p: p @ c_kv,
+        )
 
     def _absorbed_quantized(
         self, q_nope: mx.array, q_pe: mx.array, held: tuple, cache: QuantizedLatentCache, mask: Any
     ) -> mx.array:
-        """`_absorbed` reading the quantized rows through quantized matmuls."""
+        """`_absorbed` reading the quantized parts through quantized matmuls (no dequantized copy)."""
+        (cw, cs, cb), (kw, ks, kb) = held  # each (B, 1, S, ·)
+        (gc, gk), bits = cache.group_sizes, cache.bits
+
+        def scores(q_lat, q_rot):
+            s = mx.quantized_matmul(q_lat, cw, cs, cb, transpose=True, group_size=gc, bits=bits)
+            return s + mx.quantized_matmul(q_rot, kw, ks, kb, transpose=True, group_size=gk, bits=bits)
+
+        return self._latent_attention(
+            q_nope, q_pe, cw.shape[2], mask, scores=scores,
+            mix=lambda p: mx.quantized_matmul(p, cw, cs, cb, transpose=False, group_size=gc, bits=bits),
+        )
+
+    def _latent_attention(self, q_nope, q_pe, S: int, mask: Any, scores, mix) -> mx.array:
+        """softmax(q_nope·W_UK·c_kvᵀ + q_pe·k_peᵀ)·c_kv, then W_UV: (B, H, L, v).
+
+        All heads share the one latent "head", so they are folded into the rows of a single
+        matmul against the cache (B, 1, H·L, ·) instead of broadcasting the cache per head.
+        """
         B, H, L, _ = q_nope.shape
-        packed, scales, biases = held  # (B, 1, S, ·)
-        S = packed.shape[2]
-        g, bits = cache.group_size, cache.bits
-        w = self._kv_b_weight()
-        w_uk, w_uv = mx.split(w, [self.qk_nope_head_dim], axis=1)
-        qf = mx.concatenate([q_nope @ w_uk, q_pe], axis=-1) * self.scale
-        qf = qf.reshape(B, 1, H * L, -1)  # heads share the one latent "head"
-        scores = mx.quantized_matmul(qf, packed, scales, biases, transpose=True, group_size=g, bits=bits)
-        scores = scores.reshape(B, H, L, S)
+        w_uk, w_uv = mx.split(self._kv_b_weight(), [self.qk_nope_head_dim], axis=1)  # (H, nope|v, r)
+        q_lat = (q_nope @ w_uk) * self.scale  # (B, H, L, r)
+        q_rot = q_pe * self.scale
+        s = scores(q_lat.reshape(B, 1, H * L, -1), q_rot.reshape(B, 1, H * L, -1)).reshape(B, H, L, S)
         if isinstance(mask, str) and mask == "causal":
             mask = create_causal_mask(L, S - L) if L > 1 else None
         if mask is not None:
             if mask.dtype == mx.bool_:
-                scores = mx.where(mask, scores, mx.array(-math.inf, scores.dtype))
+                s = mx.where(mask, s, mx.array(-math.inf, s.dtype))
             else:
-                scores = scores + mask.astype(scores.dtype)
-        p = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(qf.dtype)
-        r_words, r_groups = self.kv_lora_rank * bits // 32, self.kv_lora_rank // g
-        o_lat = mx.quantized_matmul(
-            p.reshape(B, 1, H * L, S), packed[..., :r_words], scales[..., :r_groups],
-            biases[..., :r_groups], transpose=False, group_size=g, bits=bits,
-        )  # (B, 1, H·L, r)
-        return o_lat.reshape(B, H, L, -1) @ w_uv.swapaxes(-1, -2)  # (B, H, L, v)
+                s = s + mask.astype(s.dtype)
+        p = mx.softmax(s.astype(mx.float32), axis=-1, precise=True).astype(q_lat.dtype)
+        o_lat = mix(p.reshape(B, 1, H * L, S)).reshape(B, H, L, -1)  # (B, H, L, r)
+        return o_lat @ w_uv.swapaxes(-1, -2)  # (B, H, L, v)
