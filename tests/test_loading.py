@@ -291,3 +291,31 @@ def test_gguf_families_match_transformers(tmp_path, arch):
     assert loaded.config["model_type"] == arch
     out = np.array(loaded.model(mx.array(ids)))
     assert np.abs(out - _hf_logits(ref_model, ids)).max() <= 1e-4
+
+
+def test_generation_config_eos_and_dtype_policy(tmp_path):
+    """EOS ids are the union of config.json and generation_config.json; `dtype` casts only
+    unquantized weights (packed quantized weights stay uint32)."""
+    hf, folder = _tiny_llama(tmp_path, eos_token_id=2)
+    hf.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [7, 2], "temperature": 0.3})
+    )
+    loaded = engine.load(folder, dtype="float16")
+    assert loaded.config["eos_token_ids"] == [2, 7]
+    assert loaded.config["generation_config"]["temperature"] == 0.3
+    assert loaded.info.dtype == "float16"
+    params = dict(tree_flatten(loaded.model.parameters()))
+    assert {v.dtype for v in params.values()} == {mx.float16}
+
+    nn.quantize(loaded.model, group_size=32, bits=4)
+    qfolder = tmp_path / "q"
+    qfolder.mkdir()
+    mx.save_safetensors(
+        str(qfolder / "model.safetensors"), dict(tree_flatten(loaded.model.parameters()))
+    )
+    (qfolder / "config.json").write_text((folder / "config.json").read_text())
+    q = dict(tree_flatten(engine.load(qfolder, dtype="float32").model.parameters()))
+    assert q["model.layers.0.mlp.up_proj.weight"].dtype == mx.uint32
+    assert q["model.layers.0.mlp.up_proj.scales"].dtype == mx.float32
+    assert q["model.norm.weight"].dtype == mx.float32
