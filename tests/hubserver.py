@@ -118,7 +118,8 @@ class HubServer:
                 if p.is_file()
             }
         commit = hashlib.sha1(
-            repo_id.encode() + b"".join(k.encode() + git_blob_sha1(v).encode() for k, v in sorted(files.items()))
+            repo_id.encode()
+            + b"".join(k.encode() + git_blob_sha1(v).encode() for k, v in sorted(files.items()))
         ).hexdigest()
         repo = Repo(repo_id=repo_id, files=files, commit=commit, **meta)
         self.repos[repo_id] = repo
@@ -177,7 +178,9 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization") or ""
         return auth[7:] if auth.startswith("Bearer ") else None
 
-    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, ctype="application/json"):
+    def _send(
+        self, status: int, body: bytes = b"", headers: dict | None = None, ctype="application/json"
+    ):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -207,20 +210,33 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if repo.gated and for_files and token not in repo.tokens:
             if token is None:
-                self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have "
-                            "access to it and be authenticated to access it. Please log in.")
+                self._error(
+                    401,
+                    "GatedRepo",
+                    f"Access to model {repo_id} is restricted. You must have "
+                    "access to it and be authenticated to access it. Please log in.",
+                )
             else:
-                self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not "
-                            f"in the authorized list. Visit {self.hub.url}/{repo_id} to ask for access.")
+                self._error(
+                    403,
+                    "GatedRepo",
+                    f"Access to model {repo_id} is restricted and you are not "
+                    f"in the authorized list. Visit {self.hub.url}/{repo_id} to ask for access.",
+                )
             return False
         return True
 
     def _record(self, path: str) -> None:
         with self.hub.lock:
-            self.hub.log.append({
-                "method": self.command, "path": path, "range": self.headers.get("Range"),
-                "auth": self._token() is not None, "time": time.monotonic(),
-            })
+            self.hub.log.append(
+                {
+                    "method": self.command,
+                    "path": path,
+                    "range": self.headers.get("Range"),
+                    "auth": self._token() is not None,
+                    "time": time.monotonic(),
+                }
+            )
 
     # -- routes ----------------------------------------------------------------------------------
     def do_HEAD(self) -> None:
@@ -252,7 +268,11 @@ class _Handler(BaseHTTPRequestHandler):
                 s["size"] = len(data)
                 s["blobId"] = git_blob_sha1(data)
                 if repo.is_lfs(p):
-                    s["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+                    s["lfs"] = {
+                        "size": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                        "pointerSize": 134,
+                    }
             siblings.append(s)
         config = None
         if "config.json" in repo.files:
@@ -261,13 +281,23 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 config = None
         out = {
-            "_id": repo.commit[:24], "id": repo.repo_id, "modelId": repo.repo_id,
-            "author": repo.repo_id.split("/")[0], "sha": repo.commit,
-            "lastModified": repo.last_modified, "createdAt": repo.last_modified,
-            "private": repo.private, "gated": "manual" if repo.gated else False, "disabled": False,
-            "downloads": repo.downloads, "likes": repo.likes, "tags": repo.tags,
-            "pipeline_tag": repo.pipeline_tag, "library_name": "transformers",
-            "siblings": siblings, "config": config,
+            "_id": repo.commit[:24],
+            "id": repo.repo_id,
+            "modelId": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": repo.commit,
+            "lastModified": repo.last_modified,
+            "createdAt": repo.last_modified,
+            "private": repo.private,
+            "gated": "manual" if repo.gated else False,
+            "disabled": False,
+            "downloads": repo.downloads,
+            "likes": repo.likes,
+            "tags": repo.tags,
+            "pipeline_tag": repo.pipeline_tag,
+            "library_name": "transformers",
+            "siblings": siblings,
+            "config": config,
         }
         if st := repo.safetensors_info():
             out["safetensors"] = st
@@ -293,8 +323,11 @@ class _Handler(BaseHTTPRequestHandler):
                 elif kind == "max":
                     repos = [r for r in repos if (r.total_params() or 0) <= bound]
         sort = query.get("sort", [None])[0]
-        key = {"downloads": lambda r: r.downloads, "likes": lambda r: r.likes,
-               "lastModified": lambda r: r.last_modified}.get(sort)
+        key = {
+            "downloads": lambda r: r.downloads,
+            "likes": lambda r: r.likes,
+            "lastModified": lambda r: r.last_modified,
+        }.get(sort)
         if key:
             repos.sort(key=key, reverse=True)
         if limit := query.get("limit", [None])[0]:
@@ -328,17 +361,28 @@ class _Handler(BaseHTTPRequestHandler):
         for p, data in sorted(repo.files.items()):
             if not p.startswith(prefix):
                 continue
-            rest = p[len(prefix):]
+            rest = p[len(prefix) :]
             parts = rest.split("/")
             for i in range(1, len(parts)):
                 d = prefix + "/".join(parts[:i])
                 if d not in dirs and (recursive or i == 1):
                     dirs.add(d)
-                    entries.append({"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d})
+                    entries.append(
+                        {
+                            "type": "directory",
+                            "oid": hashlib.sha1(d.encode()).hexdigest(),
+                            "size": 0,
+                            "path": d,
+                        }
+                    )
             if recursive or len(parts) == 1:
                 e = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": p}
                 if repo.is_lfs(p):
-                    e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                    e["lfs"] = {
+                        "oid": hashlib.sha256(data).hexdigest(),
+                        "size": len(data),
+                        "pointerSize": 134,
+                    }
                 entries.append(e)
         self._json(entries)
 
@@ -359,7 +403,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 fail = False
         if fail:
-            return self._error(500, None, "Internal Error - We're working hard to fix this as soon as possible!")
+            return self._error(
+                500, None, "Internal Error - We're working hard to fix this as soon as possible!"
+            )
 
         true_data = repo.files[path]
         data = true_data

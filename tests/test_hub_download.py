@@ -31,8 +31,16 @@ def hub(tmp_path, monkeypatch):
     rng = __import__("random").Random(0)
     server.q4 = bytes(rng.getrandbits(8) for _ in range(400_000))
     server.q8 = bytes(rng.getrandbits(8) for _ in range(150_000))
-    server.add_repo(REPO, {"config.json": b'{"model_type": "llama"}', "README.md": b"# tiny\n",
-                           "tiny-Q4_0.gguf": server.q4, "tiny-Q8_0.gguf": server.q8}, tags=["gguf"])
+    server.add_repo(
+        REPO,
+        {
+            "config.json": b'{"model_type": "llama"}',
+            "README.md": b"# tiny\n",
+            "tiny-Q4_0.gguf": server.q4,
+            "tiny-Q8_0.gguf": server.q8,
+        },
+        tags=["gguf"],
+    )
     yield server
     server.stop()
 
@@ -51,7 +59,9 @@ def test_download_lands_in_hf_cache_byte_identical_only_included(hub, tmp_path):
     found = try_to_load_from_cache(REPO, "tiny-Q4_0.gguf", cache_dir=hub.cache)
     assert isinstance(found, str) and Path(found).read_bytes() == hub.q4
     assert Path(job.path, "config.json").read_bytes() == b'{"model_type": "llama"}'
-    assert (hub.cache / "models--org--tiny-GGUF" / "refs" / "main").read_text() == hub.repos[REPO].commit
+    assert (hub.cache / "models--org--tiny-GGUF" / "refs" / "main").read_text() == hub.repos[
+        REPO
+    ].commit
     # Only the requested files were fetched.
     assert not hub.requests_for("tiny-Q8_0.gguf") and not Path(job.path, "tiny-Q8_0.gguf").exists()
     assert job.bytes_total == len(hub.q4) + len(b'{"model_type": "llama"}') == job.bytes_done
@@ -102,7 +112,9 @@ def test_wrong_size_or_hash_is_detected_and_not_marked_complete(hub, tmp_path, f
     assert try_to_load_from_cache(REPO, "tiny-Q8_0.gguf", cache_dir=hub.cache) is None
     assert not [f for f in job.files if f.complete]
     blobs = hub.cache / "models--org--tiny-GGUF" / "blobs"
-    assert not blobs.exists() or not [p for p in blobs.iterdir() if not p.name.endswith(".incomplete")]
+    assert not blobs.exists() or not [
+        p for p in blobs.iterdir() if not p.name.endswith(".incomplete")
+    ]
     # Once the server is fixed, resuming the job completes it correctly.
     hub.corrupt.clear()
     hub.wrong_size.clear()
@@ -144,7 +156,10 @@ def test_pause_then_resume_continues_from_partial(hub, tmp_path):
     assert 40_000 <= have < len(hub.q4)
     # The pause survives a restart of the manager (a new process would read the same state).
     m.close()
-    assert json.loads((tmp_path / "state" / "downloads.json").read_text())["jobs"][0]["status"] == "paused"
+    assert (
+        json.loads((tmp_path / "state" / "downloads.json").read_text())["jobs"][0]["status"]
+        == "paused"
+    )
     hub.slow.clear()
     m2 = _manager(tmp_path)
     assert m2.job(jid).status == "paused"
@@ -155,7 +170,9 @@ def test_pause_then_resume_continues_from_partial(hub, tmp_path):
     speeds = [e.speed_bps for e in events if e.kind == "progress"]
     assert speeds and max(speeds) > 0
     progress = [e for e in events if e.kind == "progress" and e.eta_s is not None]
-    assert progress and all(e.bytes_total == len(hub.q4) and e.file == "tiny-Q4_0.gguf" for e in progress)
+    assert progress and all(
+        e.bytes_total == len(hub.q4) and e.file == "tiny-Q4_0.gguf" for e in progress
+    )
     assert all(abs(e.eta_s - (e.bytes_total - e.bytes_done) / e.speed_bps) < 1e-6 for e in progress)
     m2.close()
 
@@ -173,8 +190,12 @@ SECRET = "hf_sEcReTtOkEn1234567890abcdefXYZ"
 
 @pytest.mark.parametrize("token", [None, "hf_wrongtoken000000000000000000"])
 def test_gated_repo_without_access_says_how_to_get_it(hub, tmp_path, monkeypatch, token):
-    hub.add_repo("meta/gated-model", {"config.json": b"{}", "w.gguf": b"x" * 20_000}, gated=True,
-                 tokens={SECRET})
+    hub.add_repo(
+        "meta/gated-model",
+        {"config.json": b"{}", "w.gguf": b"x" * 20_000},
+        gated=True,
+        tokens={SECRET},
+    )
     if token:
         monkeypatch.setenv("HF_TOKEN", token)
     m = _manager(tmp_path)
@@ -190,9 +211,15 @@ def test_gated_repo_without_access_says_how_to_get_it(hub, tmp_path, monkeypatch
 
 
 def test_token_is_used_but_never_leaks(hub, tmp_path, monkeypatch, caplog):
-    hub.add_repo("meta/gated-model", {"config.json": b"{}", "w.gguf": b"y" * 30_000}, gated=True,
-                 tokens={SECRET})
-    hub.add_repo("me/private", {"config.json": b"{}", "p.gguf": b"z" * 12_000}, private=True, tokens={SECRET})
+    hub.add_repo(
+        "meta/gated-model",
+        {"config.json": b"{}", "w.gguf": b"y" * 30_000},
+        gated=True,
+        tokens={SECRET},
+    )
+    hub.add_repo(
+        "me/private", {"config.json": b"{}", "p.gguf": b"z" * 12_000}, private=True, tokens={SECRET}
+    )
     from engine.hub import save_token
 
     path = save_token(SECRET)  # the saved-token route (no HF_TOKEN in the environment)
@@ -214,8 +241,14 @@ def test_token_is_used_but_never_leaks(hub, tmp_path, monkeypatch, caplog):
     env = m.wait(m.enqueue("me/private", include="p.gguf", local_dir=tmp_path / "y"), timeout=30)
     assert env.status == "done" and (tmp_path / "y" / "p.gguf").read_bytes() == b"z" * 12_000
     m.close()
-    text = "\n".join([caplog.text, repr(events), repr(m.jobs()),
-                      (tmp_path / "state" / "downloads.json").read_text()])
+    text = "\n".join(
+        [
+            caplog.text,
+            repr(events),
+            repr(m.jobs()),
+            (tmp_path / "state" / "downloads.json").read_text(),
+        ]
+    )
     assert SECRET not in text and "hf_revokedtoken" not in text
 
 

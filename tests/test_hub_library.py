@@ -44,9 +44,11 @@ def write_gguf(path: Path, arch: str = "llama", ctx: int = 2048) -> Path:
 def hub(tmp_path, monkeypatch):
     s = HubServer().start()
     s.cache = hub_env(monkeypatch, tmp_path, s)
-    s.files = {"config.json": json.dumps(CONFIG).encode(),
-               "model.safetensors": safetensors_bytes({"w": np.arange(5000, dtype=np.float32)}),
-               "extra.gguf": b"GGUF" + b"\0" * 50}
+    s.files = {
+        "config.json": json.dumps(CONFIG).encode(),
+        "model.safetensors": safetensors_bytes({"w": np.arange(5000, dtype=np.float32)}),
+        "extra.gguf": b"GGUF" + b"\0" * 50,
+    }
     s.add_repo(REPO, s.files, tags=["safetensors"], downloads=3)
     yield s
     s.stop()
@@ -67,7 +69,9 @@ def test_library_sources_sizes_and_delete(hub, tmp_path):
     write_gguf(models_dir / "mine-Q8.gguf", "qwen2", 4096)
     user = tmp_path / "user-folder" / "llama-x"
     user.mkdir(parents=True)
-    (user / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 8192}))
+    (user / "config.json").write_text(
+        json.dumps({"model_type": "llama", "max_position_embeddings": 8192})
+    )
     (user / "model.safetensors").write_bytes(hub.files["model.safetensors"])
     (tmp_path / "downloads-folder").mkdir()
     elsewhere = write_gguf(tmp_path / "downloads-folder" / "imported.gguf", "gemma", 8192)
@@ -76,7 +80,12 @@ def test_library_sources_sizes_and_delete(hub, tmp_path):
 
     models = local_models(extra_dirs=[tmp_path / "user-folder"])
     (cached,) = _by_source(models, "hf-cache")
-    assert (cached.name, cached.format, cached.family, cached.context_length) == (REPO, "safetensors", "qwen2", 32768)
+    assert (cached.name, cached.format, cached.family, cached.context_length) == (
+        REPO,
+        "safetensors",
+        "qwen2",
+        32768,
+    )
     assert cached.size_bytes == len(hub.files["config.json"]) + len(hub.files["model.safetensors"])
     (own,) = _by_source(models, "models-dir")
     assert (own.format, own.family, own.context_length) == ("gguf", "qwen2", 4096)
@@ -125,4 +134,7 @@ def test_cli_search_download_models_rm(hub, tmp_path, capsys):
     hub.add_repo("meta/gated", {"w.gguf": b"g" * 20_000}, gated=True, tokens={"hf_x"})
     assert main(["download", "meta/gated"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: meta/gated is gated: request access on the model page") and "HF_TOKEN" in err
+    assert (
+        err.startswith("error: meta/gated is gated: request access on the model page")
+        and "HF_TOKEN" in err
+    )

@@ -45,8 +45,11 @@ time.sleep(120)
 def test_sigkill_mid_download_then_restart_resumes_from_partial(hub, tmp_path):
     hub.slow[(REPO, "big-Q4_0.gguf")] = 0.01
     state = tmp_path / "state"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(state), REPO, "*.gguf"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(state), REPO, "*.gguf"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     blobs = hub.cache / "models--org--big-GGUF" / "blobs"
     deadline = time.monotonic() + 60
     try:
@@ -80,8 +83,11 @@ def test_sigkill_mid_download_then_restart_resumes_from_partial(hub, tmp_path):
 def small_disk(tmp_path, monkeypatch, hub):
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     monkeypatch.setenv("HF_HUB_CACHE", str(mnt / "cache"))

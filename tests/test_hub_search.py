@@ -23,19 +23,49 @@ def _st(n: int, dtype=np.float16) -> bytes:
 def hub(tmp_path, monkeypatch):
     s = HubServer().start()
     hub_env(monkeypatch, tmp_path, s)
-    s.add_repo("meta/llama-7B", {"config.json": b"{}", "model.safetensors": _st(1000)},
-               tags=["safetensors"], downloads=900, likes=10, last_modified="2024-03-01T00:00:00.000Z")
-    s.add_repo("mlx-community/llama-7B-4bit",
-               {"config.json": b'{"quantization": {"bits": 4, "group_size": 64}}',
-                "model.safetensors": _st(250, np.uint32)},
-               tags=["mlx", "safetensors"], downloads=500, likes=50, last_modified="2024-06-01T00:00:00.000Z")
-    s.add_repo("bartowski/llama-7B-GGUF", {"llama-Q4_0.gguf": b"GGUF" + b"\0" * 100},
-               tags=["gguf"], downloads=700, likes=30, n_params=7_000_000_000,
-               last_modified="2024-05-01T00:00:00.000Z")
-    s.add_repo("HuggingFaceTB/SmolLM2-135M-GGUF", {"smol-Q4_1.gguf": b"GGUF" + b"\0" * 100},
-               tags=["gguf"], downloads=100, likes=70, last_modified="2024-09-01T00:00:00.000Z")
-    s.add_repo("google/bert-base", {"model.safetensors": _st(10)}, tags=["safetensors"],
-               pipeline_tag="fill-mask", downloads=10_000)
+    s.add_repo(
+        "meta/llama-7B",
+        {"config.json": b"{}", "model.safetensors": _st(1000)},
+        tags=["safetensors"],
+        downloads=900,
+        likes=10,
+        last_modified="2024-03-01T00:00:00.000Z",
+    )
+    s.add_repo(
+        "mlx-community/llama-7B-4bit",
+        {
+            "config.json": b'{"quantization": {"bits": 4, "group_size": 64}}',
+            "model.safetensors": _st(250, np.uint32),
+        },
+        tags=["mlx", "safetensors"],
+        downloads=500,
+        likes=50,
+        last_modified="2024-06-01T00:00:00.000Z",
+    )
+    s.add_repo(
+        "bartowski/llama-7B-GGUF",
+        {"llama-Q4_0.gguf": b"GGUF" + b"\0" * 100},
+        tags=["gguf"],
+        downloads=700,
+        likes=30,
+        n_params=7_000_000_000,
+        last_modified="2024-05-01T00:00:00.000Z",
+    )
+    s.add_repo(
+        "HuggingFaceTB/SmolLM2-135M-GGUF",
+        {"smol-Q4_1.gguf": b"GGUF" + b"\0" * 100},
+        tags=["gguf"],
+        downloads=100,
+        likes=70,
+        last_modified="2024-09-01T00:00:00.000Z",
+    )
+    s.add_repo(
+        "google/bert-base",
+        {"model.safetensors": _st(10)},
+        tags=["safetensors"],
+        pipeline_tag="fill-mask",
+        downloads=10_000,
+    )
     yield s
     s.stop()
 
@@ -45,11 +75,20 @@ def ids(results) -> list[str]:
 
 
 def test_query_sort_and_limit(hub):
-    assert ids(search_models("llama")) == ["meta/llama-7B", "bartowski/llama-7B-GGUF", "mlx-community/llama-7B-4bit"]
+    assert ids(search_models("llama")) == [
+        "meta/llama-7B",
+        "bartowski/llama-7B-GGUF",
+        "mlx-community/llama-7B-4bit",
+    ]
     assert ids(search_models("llama", sort="likes")) == [
-        "mlx-community/llama-7B-4bit", "bartowski/llama-7B-GGUF", "meta/llama-7B"]
+        "mlx-community/llama-7B-4bit",
+        "bartowski/llama-7B-GGUF",
+        "meta/llama-7B",
+    ]
     assert ids(search_models("", sort="updated", limit=2)) == [
-        "HuggingFaceTB/SmolLM2-135M-GGUF", "mlx-community/llama-7B-4bit"]
+        "HuggingFaceTB/SmolLM2-135M-GGUF",
+        "mlx-community/llama-7B-4bit",
+    ]
     # Task text-generation by default: the fill-mask model is left out unless asked for.
     assert "google/bert-base" not in ids(search_models(""))
     assert ids(search_models("bert", task=None)) == ["google/bert-base"]
@@ -58,10 +97,15 @@ def test_query_sort_and_limit(hub):
 
 
 def test_format_filters_and_formats_present(hub):
-    assert ids(search_models("", formats="gguf")) == ["bartowski/llama-7B-GGUF", "HuggingFaceTB/SmolLM2-135M-GGUF"]
+    assert ids(search_models("", formats="gguf")) == [
+        "bartowski/llama-7B-GGUF",
+        "HuggingFaceTB/SmolLM2-135M-GGUF",
+    ]
     assert ids(search_models("", formats=["mlx"])) == ["mlx-community/llama-7B-4bit"]
     assert set(ids(search_models("llama", formats=["mlx", "gguf"]))) == {
-        "mlx-community/llama-7B-4bit", "bartowski/llama-7B-GGUF"}
+        "mlx-community/llama-7B-4bit",
+        "bartowski/llama-7B-GGUF",
+    }
     by_id = {r.repo_id: r for r in search_models("")}
     assert by_id["mlx-community/llama-7B-4bit"].formats == ["mlx"]
     assert by_id["meta/llama-7B"].formats == ["safetensors"]
@@ -87,6 +131,8 @@ def test_endpoint_is_read_at_call_time(hub, monkeypatch):
         assert ids(search_models("")) and "mirror-only/model" not in ids(search_models(""))
         monkeypatch.setenv("HF_ENDPOINT", mirror.url)
         assert ids(search_models("")) == ["mirror-only/model"]
-        assert mirror.log and all(r["path"] == "/api/models" for r in mirror.log if "api" in r["path"])
+        assert mirror.log and all(
+            r["path"] == "/api/models" for r in mirror.log if "api" in r["path"]
+        )
     finally:
         mirror.stop()

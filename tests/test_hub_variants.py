@@ -37,9 +37,16 @@ def _tiny_llama(folder):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
     return json.loads((folder / "config.json").read_text())
 
@@ -52,14 +59,23 @@ def _mlx_4bit(files: dict, config: dict) -> None:
         if k.endswith(".weight") and v.ndim == 2 and "norm" not in k:
             w, s, b = mx.quantize(v.astype(mx.float32), group_size=64, bits=4)
             stem = k[: -len(".weight")]
-            out[k], out[stem + ".scales"], out[stem + ".biases"] = w, s.astype(mx.bfloat16), b.astype(mx.bfloat16)
+            out[k], out[stem + ".scales"], out[stem + ".biases"] = (
+                w,
+                s.astype(mx.bfloat16),
+                b.astype(mx.bfloat16),
+            )
         else:
             out[k] = v
-    arrays = {k: np.array(v.astype(mx.float32)) if v.dtype == mx.bfloat16 else np.array(v) for k, v in out.items()}
+    arrays = {
+        k: np.array(v.astype(mx.float32)) if v.dtype == mx.bfloat16 else np.array(v)
+        for k, v in out.items()
+    }
     # numpy has no bf16: store the float tensors as fp16 (what a 16-bit checkpoint holds).
     arrays = {k: a.astype(np.float16) if a.dtype == np.float32 else a for k, a in arrays.items()}
     files["mlx-4bit/model.safetensors"] = safetensors_bytes(arrays)
-    files["mlx-4bit/config.json"] = json.dumps({**config, "quantization": {"group_size": 64, "bits": 4}}).encode()
+    files["mlx-4bit/config.json"] = json.dumps(
+        {**config, "quantization": {"group_size": 64, "bits": 4}}
+    ).encode()
 
 
 @pytest.fixture(scope="module")
@@ -131,22 +147,40 @@ def test_fit_labels_follow_memory_thresholds():
 
 
 def test_kv_cache_bytes_gqa_and_mla_from_the_definition():
-    llama = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    llama = {
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "hidden_size": 576,
+    }
     # K and V, 30 layers, 3 KV heads of 64 dims, 4096 tokens, fp32.
     assert kv_cache_bytes(llama, 4096, 4) == 2 * 30 * 3 * 64 * 4096 * 4
     assert kv_cache_bytes(llama, 4000, 4) == kv_cache_bytes(llama, 4096, 4)  # 256-token steps
-    v3 = {"num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
-          "hidden_size": 7168, "kv_lora_rank": 512, "qk_rope_head_dim": 64}
+    v3 = {
+        "num_hidden_layers": 61,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "hidden_size": 7168,
+        "kv_lora_rank": 512,
+        "qk_rope_head_dim": 64,
+    }
     assert kv_cache_bytes(v3, 8192, 2) == (512 + 64) * 61 * 8192 * 2
     materialised = 61 * 128 * (128 + 64 + 128) * 8192 * 2
     assert materialised / kv_cache_bytes(v3, 8192, 2) > 70
 
 
 def test_gguf_variants_one_per_quant(hub, tmp_path):
-    hub.add_repo("org/tiny-GGUF", {"tiny-Q4_K_M.gguf": b"GGUF" + b"\0" * 20_000, "tiny.Q8_0.gguf": b"x" * 30_000,
-                                   "big-Q4_0-00001-of-00002.gguf": b"a" * 11_000,
-                                   "big-Q4_0-00002-of-00002.gguf": b"b" * 12_000,
-                                   "mmproj-f16.gguf": b"m" * 11_000, "README.md": b"hi"})
+    hub.add_repo(
+        "org/tiny-GGUF",
+        {
+            "tiny-Q4_K_M.gguf": b"GGUF" + b"\0" * 20_000,
+            "tiny.Q8_0.gguf": b"x" * 30_000,
+            "big-Q4_0-00001-of-00002.gguf": b"a" * 11_000,
+            "big-Q4_0-00002-of-00002.gguf": b"b" * 12_000,
+            "mmproj-f16.gguf": b"m" * 11_000,
+            "README.md": b"hi",
+        },
+    )
     vs = {v.name: v for v in list_variants("org/tiny-GGUF", memory_bytes=10**12)}
     assert set(vs) == {"Q4_K_M", "Q8_0", "Q4_0"}
     assert vs["Q4_0"].files == ["big-Q4_0-00001-of-00002.gguf", "big-Q4_0-00002-of-00002.gguf"]

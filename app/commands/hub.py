@@ -20,8 +20,12 @@ from engine.errors import DownloadError, LatentError
 def register(subparsers) -> None:
     p = subparsers.add_parser("search", help="search the Hugging Face Hub for models")
     p.add_argument("query", nargs="?", default="")
-    p.add_argument("--format", action="append", choices=("gguf", "mlx", "safetensors"),
-                   help="only repos with this format (repeatable)")
+    p.add_argument(
+        "--format",
+        action="append",
+        choices=("gguf", "mlx", "safetensors"),
+        help="only repos with this format (repeatable)",
+    )
     p.add_argument("--sort", default="downloads", choices=("downloads", "likes", "updated"))
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--min-params", help="e.g. 500M")
@@ -33,7 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("repo")
     p.add_argument("--include", action="append", help="only files matching this glob (repeatable)")
     p.add_argument("--variant", help="one variant by name, as `latent download REPO --list` shows")
-    p.add_argument("--list", action="store_true", help="list the repo's variants with a memory-fit check")
+    p.add_argument(
+        "--list", action="store_true", help="list the repo's variants with a memory-fit check"
+    )
     p.add_argument("--context", type=int, default=4096, help="context length for the fit check")
     p.add_argument("--revision", default="main")
     p.add_argument("--dir", help="download into this folder instead of the Hugging Face cache")
@@ -69,15 +75,23 @@ def parse_count(text: str | None) -> int | None:
     m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMbBtT]?)\s*", text)
     if not m:
         raise LatentError(f"{text!r}: not a parameter count (e.g. 500M, 8B)")
-    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()])
+    return int(
+        float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    )
 
 
 def run_search(args: argparse.Namespace) -> int:
     from engine.hub import search_models
 
-    results = search_models(args.query, formats=args.format, sort=args.sort, limit=args.limit,
-                            min_params=parse_count(args.min_params), max_params=parse_count(args.max_params),
-                            task=None if args.task == "any" else args.task)
+    results = search_models(
+        args.query,
+        formats=args.format,
+        sort=args.sort,
+        limit=args.limit,
+        min_params=parse_count(args.min_params),
+        max_params=parse_count(args.max_params),
+        task=None if args.task == "any" else args.task,
+    )
     if not results:
         print("no models found", file=sys.stderr)
         return 0
@@ -85,7 +99,9 @@ def run_search(args: argparse.Namespace) -> int:
     print(f"{'MODEL':<{width}}  {'FORMATS':<18} {'PARAMS':>7} {'DOWNLOADS':>10} {'LIKES':>6}")
     for r in results:
         fmts = ",".join(r.formats) + (" gated" if r.gated else "")
-        print(f"{r.repo_id:<{width}}  {fmts:<18} {human_count(r.n_params):>7} {r.downloads:>10} {r.likes:>6}")
+        print(
+            f"{r.repo_id:<{width}}  {fmts:<18} {human_count(r.n_params):>7} {r.downloads:>10} {r.likes:>6}"
+        )
     return 0
 
 
@@ -95,8 +111,10 @@ def _bar(ev, width: int = 28) -> str:
     eta = f"ETA {ev.eta_s:.0f}s" if ev.eta_s is not None else ""
     speed = f"{human_bytes(ev.speed_bps)}/s" if ev.speed_bps else ""
     name = (ev.file or "")[-30:]
-    return (f"\r[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
-            f"{human_bytes(ev.bytes_done)}/{human_bytes(ev.bytes_total)} {speed} {eta} {name}\x1b[K")
+    return (
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
+        f"{human_bytes(ev.bytes_done)}/{human_bytes(ev.bytes_total)} {speed} {eta} {name}\x1b[K"
+    )
 
 
 def run_download(args: argparse.Namespace) -> int:
@@ -109,8 +127,10 @@ def run_download(args: argparse.Namespace) -> int:
         if args.list:
             print(f"{'VARIANT':<24} {'FORMAT':<12} {'DOWNLOAD':>10} {'MEMORY':>10}  FIT")
             for v in variants:
-                print(f"{v.name:<24} {v.format:<12} {human_bytes(v.bytes):>10} "
-                      f"{human_bytes(v.estimate_bytes):>10}  {v.fit}")
+                print(
+                    f"{v.name:<24} {v.format:<12} {human_bytes(v.bytes):>10} "
+                    f"{human_bytes(v.estimate_bytes):>10}  {v.fit}"
+                )
             return 0
         chosen = [v for v in variants if v.name.lower() == args.variant.lower()]
         if not chosen:
@@ -126,7 +146,9 @@ def run_download(args: argparse.Namespace) -> int:
         now = time.monotonic()
         if ev.kind == "progress" and (tty or now - last[0] > 2.0):
             last[0] = now
-            sys.stderr.write(_bar(ev) if tty else _bar(ev).lstrip("\r").replace("\x1b[K", "") + "\n")
+            sys.stderr.write(
+                _bar(ev) if tty else _bar(ev).lstrip("\r").replace("\x1b[K", "") + "\n"
+            )
             sys.stderr.flush()
 
     manager.subscribe(show)
@@ -137,7 +159,10 @@ def run_download(args: argparse.Namespace) -> int:
         manager.pause(job_id)
         job = manager.wait(job_id, timeout=10)
         manager.close()
-        print(f"\npaused at {human_bytes(job.bytes_done)}; run the same command to resume", file=sys.stderr)
+        print(
+            f"\npaused at {human_bytes(job.bytes_done)}; run the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     manager.close()
     if tty:
@@ -153,13 +178,19 @@ def run_models(args: argparse.Namespace) -> int:
 
     models = local_models(extra_dirs=args.dir)
     if not models:
-        print("no models yet: try `latent search QUERY` and `latent download REPO`", file=sys.stderr)
+        print(
+            "no models yet: try `latent search QUERY` and `latent download REPO`", file=sys.stderr
+        )
         return 0
     width = max(len(m.name) for m in models)
-    print(f"{'MODEL':<{width}}  {'FORMAT':<11} {'SIZE':>9} {'FAMILY':<12} {'CONTEXT':>7}  {'SOURCE':<10} PATH")
+    print(
+        f"{'MODEL':<{width}}  {'FORMAT':<11} {'SIZE':>9} {'FAMILY':<12} {'CONTEXT':>7}  {'SOURCE':<10} PATH"
+    )
     for m in models:
-        print(f"{m.name:<{width}}  {m.format:<11} {human_bytes(m.size_bytes):>9} {m.family or '?':<12} "
-              f"{m.context_length or '?':>7}  {m.source:<10} {m.path}")
+        print(
+            f"{m.name:<{width}}  {m.format:<11} {human_bytes(m.size_bytes):>9} {m.family or '?':<12} "
+            f"{m.context_length or '?':>7}  {m.source:<10} {m.path}"
+        )
     return 0
 
 
@@ -172,6 +203,9 @@ def run_rm(args: argparse.Namespace) -> int:
             print("nothing deleted", file=sys.stderr)
             return 1
     freed = delete_model(args.model)
-    print(f"deleted {args.model}: {human_bytes(freed)} freed" if freed else
-          f"forgot {args.model} (imported files are left where they are)")
+    print(
+        f"deleted {args.model}: {human_bytes(freed)} freed"
+        if freed
+        else f"forgot {args.model} (imported files are left where they are)"
+    )
     return 0

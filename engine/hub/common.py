@@ -87,18 +87,24 @@ def friendly_error(e: Exception, repo_id: str, path: str | None = None) -> Downl
     page = f"{endpoint()}/{repo_id}"
     if isinstance(e, GatedRepoError):
         if get_token():
-            msg = (f"{repo_id} is gated and your token has no access: request access on the model "
-                   f"page {page}, then retry")
+            msg = (
+                f"{repo_id} is gated and your token has no access: request access on the model "
+                f"page {page}, then retry"
+            )
         else:
-            msg = (f"{repo_id} is gated: request access on the model page {page}, then set HF_TOKEN "
-                   "(or save a token in Settings) and retry")
+            msg = (
+                f"{repo_id} is gated: request access on the model page {page}, then set HF_TOKEN "
+                "(or save a token in Settings) and retry"
+            )
     elif isinstance(e, RevisionNotFoundError):
         msg = f"{repo_id}: revision not found"
     elif isinstance(e, EntryNotFoundError):
         msg = f"{where}: no such file in the repository"
     elif isinstance(e, RepositoryNotFoundError):
-        msg = (f"{repo_id}: repository not found (check the name; for a private repo set HF_TOKEN "
-               "with a token that can read it)")
+        msg = (
+            f"{repo_id}: repository not found (check the name; for a private repo set HF_TOKEN "
+            "with a token that can read it)"
+        )
     elif isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else "?"
         msg = f"{where}: the Hub answered HTTP {status}"

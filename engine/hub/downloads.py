@@ -23,12 +23,11 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import httpx2
@@ -47,94 +46,35 @@ from engine.hub.common import (
     hf_cache_dir,
     scrub,
 )
+from engine.hub.jobs import (
+    ACTIVE,
+    RETRY_STATUS,
+    DiskFull,
+    DownloadEvent,
+    DownloadJob,
+    FileState,
+    RetryLater,
+    StopDownload,
+    fmt_bytes,
+    free_bytes,
+)
 
 log = logging.getLogger("engine.hub")
-
-ACTIVE = ("queued", "running")
-FINAL = ("done", "failed", "cancelled", "paused", "disk full")
-RETRY_STATUS = (408, 429, 500, 502, 503, 504)
-
-
-@dataclass
-class FileState:
-    path: str
-    size: int
-    sha256: str | None = None  # LFS files
-    blob_id: str | None = None  # git blob sha1 (regular files)
-    done: int = 0
-    complete: bool = False
-
-
-@dataclass
-class DownloadJob:
-    id: str
-    repo_id: str
-    revision: str = "main"
-    include: list[str] | None = None
-    local_dir: str | None = None
-    status: str = "queued"  # queued | running | paused | done | failed | cancelled | disk full
-    error: str | None = None
-    commit: str | None = None
-    files: list[FileState] = field(default_factory=list)
-    current_file: str | None = None
-    bytes_done: int = 0
-    bytes_total: int = 0
-    speed_bps: float = 0.0
-    eta_s: float | None = None
-    path: str | None = None  # the snapshot (or local) folder once done
-
-
-@dataclass(frozen=True)
-class DownloadEvent:
-    """One progress or state change; plain data, safe to pass across threads."""
-
-    job_id: str
-    repo_id: str
-    kind: str  # "progress" | "status"
-    status: str
-    file: str | None
-    file_bytes: int
-    file_total: int
-    bytes_done: int
-    bytes_total: int
-    speed_bps: float
-    eta_s: float | None
-    error: str | None = None
-
-
-class _Stop(Exception):
-    """The job was paused, cancelled or the manager is closing."""
-
-
-class _DiskFull(Exception):
-    pass
-
-
-class _Retry(Exception):
-    """A transient failure: try again after a backoff."""
-
-
-def _free_bytes(path: Path) -> int:
-    p = path
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def _fmt(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 class DownloadManager:
     """`enqueue` → job id; `pause/resume/cancel`; `jobs()`; `subscribe(callback)`; `close()`."""
 
-    def __init__(self, state_dir: str | Path, *, cache_dir: str | Path | None = None,
-                 max_retries: int = 8, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 read_timeout_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        cache_dir: str | Path | None = None,
+        max_retries: int = 8,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        read_timeout_s: float = 20.0,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = self.state_dir / "downloads.json"
@@ -160,21 +100,35 @@ class DownloadManager:
     def cache_dir(self) -> Path:
         return self._cache_dir or hf_cache_dir()
 
-    def enqueue(self, repo_id: str, include: list[str] | str | None = None, revision: str = "main",
-                local_dir: str | Path | None = None) -> str:
+    def enqueue(
+        self,
+        repo_id: str,
+        include: list[str] | str | None = None,
+        revision: str = "main",
+        local_dir: str | Path | None = None,
+    ) -> str:
         if isinstance(include, str):
             include = [include]
         with self._lock:
             for j in self._jobs.values():
                 if (j.repo_id, j.revision, j.include, j.local_dir) == (
-                        repo_id, revision, include, str(local_dir) if local_dir else None) and \
-                        j.status not in ("done", "cancelled"):
-                    if j.status not in ACTIVE:  # the same download, paused or stopped: go on with it
+                    repo_id,
+                    revision,
+                    include,
+                    str(local_dir) if local_dir else None,
+                ) and j.status not in ("done", "cancelled"):
+                    if (
+                        j.status not in ACTIVE
+                    ):  # the same download, paused or stopped: go on with it
                         self.resume(j.id)
                     return j.id
-            job = DownloadJob(id=uuid.uuid4().hex[:12], repo_id=repo_id, revision=revision,
-                              include=list(include) if include else None,
-                              local_dir=str(local_dir) if local_dir else None)
+            job = DownloadJob(
+                id=uuid.uuid4().hex[:12],
+                repo_id=repo_id,
+                revision=revision,
+                include=list(include) if include else None,
+                local_dir=str(local_dir) if local_dir else None,
+            )
             self._jobs[job.id] = job
             self._save(force=True)
         self._emit(job, "status")
@@ -258,8 +212,11 @@ class DownloadManager:
 
     @staticmethod
     def _snapshot(job: DownloadJob) -> DownloadJob:
-        return replace(job, files=[replace(f) for f in job.files],
-                       include=list(job.include) if job.include else None)
+        return replace(
+            job,
+            files=[replace(f) for f in job.files],
+            include=list(job.include) if job.include else None,
+        )
 
     def _request_stop(self, job_id: str, what: str) -> None:
         with self._lock:
@@ -302,7 +259,9 @@ class DownloadManager:
         try:
             tmp.write_text(json.dumps(data, indent=1))
             os.replace(tmp, self.state_file)
-        except OSError as e:  # e.g. the same disk is full: keep going, the partial files are the truth
+        except (
+            OSError
+        ) as e:  # e.g. the same disk is full: keep going, the partial files are the truth
             log.warning("cannot save download state %s: %s", self.state_file, e.strerror or e)
 
     def _emit(self, job: DownloadJob, kind: str, f: FileState | None = None) -> None:
@@ -312,9 +271,20 @@ class DownloadManager:
                 return
             self._last_emit = now
         cur = f or next((x for x in job.files if x.path == job.current_file), None)
-        ev = DownloadEvent(job.id, job.repo_id, kind, job.status, cur.path if cur else None,
-                           cur.done if cur else 0, cur.size if cur else 0, job.bytes_done,
-                           job.bytes_total, job.speed_bps, job.eta_s, job.error)
+        ev = DownloadEvent(
+            job.id,
+            job.repo_id,
+            kind,
+            job.status,
+            cur.path if cur else None,
+            cur.done if cur else 0,
+            cur.size if cur else 0,
+            job.bytes_done,
+            job.bytes_total,
+            job.speed_bps,
+            job.eta_s,
+            job.error,
+        )
         for cb in list(self._subs):
             try:
                 cb(ev)
@@ -359,12 +329,12 @@ class DownloadManager:
                     self._download_file(job, f, t0)
             self._finish(job)
             job.status, job.current_file = "done", None
-        except _Stop:
+        except StopDownload:
             what = "close" if self._closing else self._stop.pop(job.id, "pause")
             if what == "cancel":
                 self._remove_partials(job)
             job.status = {"cancel": "cancelled", "pause": "paused", "close": "queued"}[what]
-        except _DiskFull as e:
+        except DiskFull as e:
             job.status, job.error = "disk full", scrub(str(e))
         except DownloadError as e:
             job.status, job.error = "failed", scrub(str(e))
@@ -376,16 +346,18 @@ class DownloadManager:
 
     def _check_stop(self, job: DownloadJob) -> None:
         if self._closing or job.id in self._stop:
-            raise _Stop()
+            raise StopDownload()
 
-    def _retrying(self, job: DownloadJob, what: str, fn: Callable, progress: Callable[[], int] | None = None):
+    def _retrying(
+        self, job: DownloadJob, what: str, fn: Callable, progress: Callable[[], int] | None = None
+    ):
         """Call fn(); retry transient failures with exponential backoff (reset on progress)."""
         attempt, last_mark = 0, progress() if progress else 0
         while True:
             self._check_stop(job)
             try:
                 return fn()
-            except (httpx2.TransportError, _Retry) as e:
+            except (httpx2.TransportError, RetryLater) as e:
                 reason = type(e).__name__
             except HfHubHTTPError as e:
                 status = e.response.status_code if e.response is not None else None
@@ -396,23 +368,40 @@ class DownloadManager:
                 attempt, last_mark = 0, progress()
             attempt += 1
             if attempt > self.max_retries:
-                raise DownloadError(f"{job.repo_id}/{what}: gave up after {self.max_retries} retries ({reason})")
+                raise DownloadError(
+                    f"{job.repo_id}/{what}: gave up after {self.max_retries} retries ({reason})"
+                )
             delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-            log.info("download %s/%s: %s, retry %d in %.1fs", job.repo_id, what, reason, attempt, delay)
+            log.info(
+                "download %s/%s: %s, retry %d in %.1fs", job.repo_id, what, reason, attempt, delay
+            )
             self._wake.wait(delay)
 
     def _plan(self, job: DownloadJob) -> None:
-        info = self._retrying(job, "model info", lambda: api().model_info(
-            job.repo_id, revision=job.revision, files_metadata=True))
+        info = self._retrying(
+            job,
+            "model info",
+            lambda: api().model_info(job.repo_id, revision=job.revision, files_metadata=True),
+        )
         files = []
         for s in info.siblings or []:
             if job.include and not any(fnmatch.fnmatch(s.rfilename, p) for p in job.include):
                 continue
-            files.append(FileState(path=s.rfilename, size=int(s.size or 0),
-                                   sha256=s.lfs.sha256 if s.lfs else None, blob_id=s.blob_id))
+            files.append(
+                FileState(
+                    path=s.rfilename,
+                    size=int(s.size or 0),
+                    sha256=s.lfs.sha256 if s.lfs else None,
+                    blob_id=s.blob_id,
+                )
+            )
         if not files:
             pats = ", ".join(job.include or [])
-            raise DownloadError(f"{job.repo_id}: no file matches {pats!r}" if pats else f"{job.repo_id}: repository is empty")
+            raise DownloadError(
+                f"{job.repo_id}: no file matches {pats!r}"
+                if pats
+                else f"{job.repo_id}: repository is empty"
+            )
         with self._lock:
             job.commit, job.files = info.sha, files
             job.bytes_total = sum(f.size for f in files)
@@ -425,7 +414,11 @@ class DownloadManager:
     def _final_path(self, job: DownloadJob, f: FileState) -> Path:
         if job.local_dir:
             return Path(job.local_dir) / f.path
-        return self._storage(job) / "blobs" / (f.sha256 or f.blob_id or hashlib.sha1(f.path.encode()).hexdigest())
+        return (
+            self._storage(job)
+            / "blobs"
+            / (f.sha256 or f.blob_id or hashlib.sha1(f.path.encode()).hexdigest())
+        )
 
     def _partial_path(self, job: DownloadJob, f: FileState) -> Path:
         p = self._final_path(job, f)
@@ -450,25 +443,37 @@ class DownloadManager:
                 part = self._partial_path(job, f)
                 need += f.size - (part.stat().st_size if part.exists() else 0)
         target = Path(job.local_dir) if job.local_dir else self._storage(job)
-        free = _free_bytes(target)
+        free = free_bytes(target)
         if need > free:
-            raise _DiskFull(f"{job.repo_id}: needs {_fmt(need)} but only {_fmt(free)} is free on "
-                            f"{target}; free some space and resume")
+            raise DiskFull(
+                f"{job.repo_id}: needs {fmt_bytes(need)} but only {fmt_bytes(free)} is free on "
+                f"{target}; free some space and resume"
+            )
 
     # -- one file ---------------------------------------------------------------------------------
     def _download_file(self, job: DownloadJob, f: FileState, t0: float) -> None:
-        final, part, pointer = self._final_path(job, f), self._partial_path(job, f), self._pointer(job, f)
+        final, part, pointer = (
+            self._final_path(job, f),
+            self._partial_path(job, f),
+            self._pointer(job, f),
+        )
         if final.is_file() and final.stat().st_size == f.size:
             self._link(job, f, final, pointer)  # already there (same blob in another revision)
             return
         with self._lock:
             job.current_file = f.path
-        url = hf_hub_url(job.repo_id, f.path, revision=job.commit or job.revision, endpoint=endpoint())
+        url = hf_hub_url(
+            job.repo_id, f.path, revision=job.commit or job.revision, endpoint=endpoint()
+        )
         # The client's own HEAD: checks access (gated → GatedRepoError) before any byte is fetched.
         self._retrying(job, f.path, lambda: get_hf_file_metadata(url, token=get_token() or False))
         part.parent.mkdir(parents=True, exist_ok=True)
-        self._retrying(job, f.path, lambda: self._fetch(job, f, url, part, t0),
-                       progress=lambda: part.stat().st_size if part.exists() else 0)
+        self._retrying(
+            job,
+            f.path,
+            lambda: self._fetch(job, f, url, part, t0),
+            progress=lambda: part.stat().st_size if part.exists() else 0,
+        )
         self._verify(job, f, part)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
@@ -504,10 +509,16 @@ class DownloadManager:
             if r.status_code == 200 and have:
                 have = 0  # the server ignored Range: start over
             length = int(r.headers.get("Content-Length", "-1"))
-            total = int(r.headers["Content-Range"].rsplit("/", 1)[-1]) if r.status_code == 206 else length
+            total = (
+                int(r.headers["Content-Range"].rsplit("/", 1)[-1])
+                if r.status_code == 206
+                else length
+            )
             if length >= 0 and total != f.size:
-                raise DownloadError(f"{job.repo_id}/{f.path}: size mismatch: the Hub lists {f.size} bytes "
-                                    f"but the server sends {total}; file not saved")
+                raise DownloadError(
+                    f"{job.repo_id}/{f.path}: size mismatch: the Hub lists {f.size} bytes "
+                    f"but the server sends {total}; file not saved"
+                )
             mark_b, mark_t = have, time.monotonic()
             with open(part, "r+b" if have else "wb", buffering=0) as out:
                 out.seek(have)
@@ -520,20 +531,26 @@ class DownloadManager:
                             n = out.write(view)
                         except OSError as e:
                             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                                raise _DiskFull(f"{job.repo_id}/{f.path}: disk full after {_fmt(have)}; "
-                                                "partial file kept, free some space and resume") from None
+                                raise DiskFull(
+                                    f"{job.repo_id}/{f.path}: disk full after {fmt_bytes(have)}; "
+                                    "partial file kept, free some space and resume"
+                                ) from None
                             raise
                         view, have = view[n:], have + n
                     if have > f.size:
-                        raise DownloadError(f"{job.repo_id}/{f.path}: size mismatch: the server sent more "
-                                            f"than the {f.size} bytes the Hub lists; file not saved")
+                        raise DownloadError(
+                            f"{job.repo_id}/{f.path}: size mismatch: the server sent more "
+                            f"than the {f.size} bytes the Hub lists; file not saved"
+                        )
                     now = time.monotonic()
                     with self._lock:
                         f.done = have
                         job.bytes_done = sum(x.done for x in job.files)
                         if now - mark_t >= 0.5:
                             rate = (have - mark_b) / (now - mark_t)
-                            job.speed_bps = rate if not job.speed_bps else 0.5 * job.speed_bps + 0.5 * rate
+                            job.speed_bps = (
+                                rate if not job.speed_bps else 0.5 * job.speed_bps + 0.5 * rate
+                            )
                             mark_b, mark_t = have, now
                         elif not job.speed_bps and now > t0:
                             job.speed_bps = job.bytes_done / max(now - t0, 1e-3)
@@ -542,14 +559,16 @@ class DownloadManager:
                         self._save()
                     self._emit(job, "progress", f)
         if have < f.size:
-            raise _Retry(f"connection closed at {have} of {f.size} bytes")
+            raise RetryLater(f"connection closed at {have} of {f.size} bytes")
 
     def _verify(self, job: DownloadJob, f: FileState, part: Path) -> None:
         size = part.stat().st_size
         if size != f.size:
             part.unlink()
-            raise DownloadError(f"{job.repo_id}/{f.path}: size mismatch ({size} bytes, the Hub lists "
-                                f"{f.size}); partial deleted, resume to fetch it again")
+            raise DownloadError(
+                f"{job.repo_id}/{f.path}: size mismatch ({size} bytes, the Hub lists "
+                f"{f.size}); partial deleted, resume to fetch it again"
+            )
         if f.sha256:
             h, expect, kind = hashlib.sha256(), f.sha256, "sha256"
         elif f.blob_id:
@@ -563,8 +582,10 @@ class DownloadManager:
             part.unlink()
             with self._lock:
                 f.done = 0
-            raise DownloadError(f"{job.repo_id}/{f.path}: {kind} mismatch (expected {expect[:12]}…, got "
-                                f"{h.hexdigest()[:12]}…); partial deleted, resume to fetch it again")
+            raise DownloadError(
+                f"{job.repo_id}/{f.path}: {kind} mismatch (expected {expect[:12]}…, got "
+                f"{h.hexdigest()[:12]}…); partial deleted, resume to fetch it again"
+            )
 
     def _finish(self, job: DownloadJob) -> None:
         if job.local_dir:

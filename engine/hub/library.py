@@ -69,7 +69,11 @@ def describe(path: str | Path) -> tuple[str, str | None, int | None] | None:
             cfg = {}
     text = cfg.get("text_config", cfg)
     fmt = "mlx" if cfg.get("quantization") else "safetensors"
-    return fmt, cfg.get("model_type"), text.get("max_position_embeddings") or text.get("n_positions")
+    return (
+        fmt,
+        cfg.get("model_type"),
+        text.get("max_position_embeddings") or text.get("n_positions"),
+    )
 
 
 def _imported_file() -> Path:
@@ -100,7 +104,9 @@ def _scan_folder(root: Path, source: str) -> list[LocalModel]:
     for d in candidates:
         if any(d.glob("*.safetensors")):
             if (desc := describe(d)) is not None:
-                out.append(LocalModel(d.name, str(d), desc[0], _tree_size(d), desc[1], desc[2], source))
+                out.append(
+                    LocalModel(d.name, str(d), desc[0], _tree_size(d), desc[1], desc[2], source)
+                )
                 seen.add(d)
     for g in sorted(root.rglob("*.gguf")):
         if g.parent in seen or g.name.lower().startswith("mmproj"):
@@ -126,11 +132,33 @@ def _hf_cache_models() -> list[LocalModel]:
                 for g in sorted(snap.glob("*.gguf")):
                     if not g.name.lower().startswith("mmproj"):
                         fmt, fam, ctx = describe(g) or ("gguf", None, None)
-                        out.append(LocalModel(f"{repo.repo_id}/{g.name}", str(g), fmt, g.stat().st_size,
-                                              fam, ctx, "hf-cache", repo.repo_id, rev.commit_hash))
+                        out.append(
+                            LocalModel(
+                                f"{repo.repo_id}/{g.name}",
+                                str(g),
+                                fmt,
+                                g.stat().st_size,
+                                fam,
+                                ctx,
+                                "hf-cache",
+                                repo.repo_id,
+                                rev.commit_hash,
+                            )
+                        )
                 continue
-            out.append(LocalModel(repo.repo_id, str(snap), desc[0], rev.size_on_disk, desc[1], desc[2],
-                                  "hf-cache", repo.repo_id, rev.commit_hash))
+            out.append(
+                LocalModel(
+                    repo.repo_id,
+                    str(snap),
+                    desc[0],
+                    rev.size_on_disk,
+                    desc[1],
+                    desc[2],
+                    "hf-cache",
+                    repo.repo_id,
+                    rev.commit_hash,
+                )
+            )
     return out
 
 
@@ -142,7 +170,11 @@ def local_models(extra_dirs: tuple[str | Path, ...] | list[str | Path] = ()) -> 
     for p in _imported():
         path = Path(p)
         if (desc := describe(path)) is not None:
-            out.append(LocalModel(path.name, str(path), desc[0], _tree_size(path), desc[1], desc[2], "imported"))
+            out.append(
+                LocalModel(
+                    path.name, str(path), desc[0], _tree_size(path), desc[1], desc[2], "imported"
+                )
+            )
     seen, unique = set(), []
     for m in out:
         key = str(Path(m.path).resolve()) if m.source != "hf-cache" else m.path
@@ -159,8 +191,10 @@ def import_model(path: str | Path) -> LocalModel:
         raise ModelLoadError(f"{p}: no such file or folder")
     desc = describe(p)
     if desc is None:
-        raise ModelLoadError(f"{p}: not a model (expected a .gguf file, or a folder with "
-                             "config.json and .safetensors weights)")
+        raise ModelLoadError(
+            f"{p}: not a model (expected a .gguf file, or a folder with "
+            "config.json and .safetensors weights)"
+        )
     paths = _imported()
     if str(p) not in paths:
         _write_imported(paths + [str(p)])
@@ -176,8 +210,11 @@ def delete_model(path_or_repo: str | Path) -> int:
         cache = None
     if cache is not None:
         for repo in cache.repos:
-            revs = [r for r in repo.revisions
-                    if key == repo.repo_id or Path(key).resolve() == Path(r.snapshot_path).resolve()]
+            revs = [
+                r
+                for r in repo.revisions
+                if key == repo.repo_id or Path(key).resolve() == Path(r.snapshot_path).resolve()
+            ]
             if revs:
                 strategy = cache.delete_revisions(*[r.commit_hash for r in revs])
                 freed = strategy.expected_freed_size
