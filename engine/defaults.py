@@ -67,15 +67,24 @@ def find_local(progress: Progress = print) -> Path | None:
         if _is_hf_folder(folder):
             return folder
     progress(f"looking for {DEFAULT_MODEL} in the Hugging Face cache")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        cached = Path(
-            snapshot_download(DEFAULT_MODEL, local_files_only=True, allow_patterns=HUB_PATTERNS)
-        )
-    except Exception:
-        return None
-    return cached if _is_hf_folder(cached) else None
+    # the standard cache, and the models folder used as a cache (models--org--name/snapshots)
+    for cache_dir in (None, root):
+        try:
+            cached = Path(
+                snapshot_download(
+                    DEFAULT_MODEL,
+                    cache_dir=cache_dir,
+                    local_files_only=True,
+                    allow_patterns=HUB_PATTERNS,
+                )
+            )
+        except Exception:
+            continue
+        if _is_hf_folder(cached):
+            return cached
+    return None
 
 
 # -- (b) the Hub -------------------------------------------------------------------------------

