@@ -23,8 +23,8 @@ class FakeInfo:
     name: str = "FakeLM-1M"
     path: str = "/fake/FakeLM-1M.gguf"
     model_type: str = "llama"
-    n_params: int = 1_000_000
-    weight_bytes: int = 4_000_000
+    n_params: int = 134_515_008
+    weight_bytes: int = 98_000_000
     context_length: int = 8192
     quantization: str = "Q4_1"
     adapter: str | None = None
@@ -66,6 +66,7 @@ class FakeEngine:
     chat_error: Exception | None = None
     calls: list[list[dict]] = field(default_factory=list)
     params: list[Any] = field(default_factory=list)
+    numbered: bool = True  # prefix each reply with "Reply N:"
 
     def __post_init__(self) -> None:
         self._cancel = threading.Event()
@@ -78,7 +79,9 @@ class FakeEngine:
         time.sleep(self.load_delay)
         if "broken" in str(path):
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic)")
-        self._info = FakeInfo(path=str(path), adapter=adapter, context_length=self.context_length)
+        name = str(path).rsplit("/", 1)[-1].split(".")[0]
+        self._info = FakeInfo(name=name, path=str(path), adapter=adapter,
+                              context_length=self.context_length)
         import mlx.core as mx
 
         self.loaded = SimpleNamespace(model=_TinyModel(mx))
@@ -129,7 +132,7 @@ class FakeEngine:
                 f"prompt of {prompt_tokens} tokens does not fit the context of {self.context_length}"
             )
         max_tokens = int(getattr(params, "max_tokens", 512) or 512)
-        words = [f"Reply {self.n_chats}:", " "] + list(self.tokens)
+        words = ([f"Reply {self.n_chats}:", " "] if self.numbered else []) + list(self.tokens)
         t0 = time.perf_counter()
         ttft = None
         reason = "stop"

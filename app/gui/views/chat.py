@@ -179,6 +179,7 @@ class ChatView(QWidget):
 
     def set_welcome(self, widget: QWidget | None) -> None:
         """Show a first-run panel instead of the chat page (None: back to the chat)."""
+        self.right.setVisible(widget is None)
         if widget is None:
             self.center.setCurrentIndex(0)
             return

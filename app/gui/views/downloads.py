@@ -45,11 +45,13 @@ class DownloadsView(QWidget):
         self.table.verticalHeader().hide()
         self.table.verticalHeader().setDefaultSectionSize(34)
         self.table.setShowGrid(False)
+        self.table.setWordWrap(False)
+        self.table.setTextElideMode(Qt.ElideMiddle)
         hh = self.table.horizontalHeader()
+        hh.setSectionResizeMode(QHeaderView.Interactive)
         hh.setSectionResizeMode(0, QHeaderView.Stretch)
-        hh.setSectionResizeMode(2, QHeaderView.Fixed)
-        self.table.setColumnWidth(2, 260)
-        hh.setStretchLastSection(True)
+        for col, width in ((1, 220), (2, 280), (3, 170), (4, 150)):
+            self.table.setColumnWidth(col, width)
         self.buttons = {}
         row = QHBoxLayout()
         for name in ("Pause", "Resume", "Cancel"):
@@ -96,7 +98,9 @@ class DownloadsView(QWidget):
             return
         sel = self.selected_job()
         jobs = self.manager.jobs()
+        first = not hasattr(self, "_seen_done")
         was_done = {j.id for j in self.model.rows if j.status == "done"}
+        self._seen_done = True
         self.model.set_rows(jobs)
         if sel:
             for i, j in enumerate(jobs):
@@ -104,9 +108,8 @@ class DownloadsView(QWidget):
                     self.table.selectRow(i)
         active = sum(j.status in ("queued", "running") for j in jobs)
         self.summary.setText(f"{active} active, {len(jobs)} in all" if jobs else "No downloads yet.")
-        if any(j.status == "done" and j.id not in was_done for j in jobs) and was_done is not None:
-            if hasattr(self.window, "refresh_models"):
-                self.window.refresh_models()
+        if not first and any(j.status == "done" and j.id not in was_done for j in jobs):
+            self.window.refresh_models()  # a finished download is a new local model
 
     def selected_job(self) -> str | None:
         ix = self.table.currentIndex()

@@ -39,8 +39,11 @@ def _table(model) -> QTableView:
     t.verticalHeader().hide()
     t.setAlternatingRowColors(True)
     t.setShowGrid(False)
-    t.horizontalHeader().setStretchLastSection(True)
-    t.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
+    t.setWordWrap(False)
+    t.setTextElideMode(Qt.ElideMiddle)
+    header = t.horizontalHeader()
+    header.setSectionResizeMode(QHeaderView.ResizeToContents)
+    header.setSectionResizeMode(0, QHeaderView.Stretch)
     return t
 
 
