@@ -263,3 +263,13 @@ def test_remove_running_job_drops_it_and_its_partial(hub, tmp_path):
     assert not list((hub.cache / "models--org--tiny-GGUF" / "blobs").glob("*"))
     assert json.loads((tmp_path / "state" / "downloads.json").read_text())["jobs"] == []
     m.close()
+
+
+def test_one_manager_per_state_folder(hub, tmp_path):
+    from engine.errors import DownloadError
+
+    m = _manager(tmp_path)
+    with pytest.raises(DownloadError, match="another Latent Studio"):
+        _manager(tmp_path)
+    m.close()
+    _manager(tmp_path).close()  # released by close()

@@ -138,7 +138,10 @@ def run_download(args: argparse.Namespace) -> int:
             raise DownloadError(f"{args.repo}: no variant {args.variant!r} (variants: {names})")
         include = (include or []) + chosen[0].files
 
-    manager = DownloadManager(data_dir() / "downloads")
+    try:
+        manager = DownloadManager(data_dir() / "downloads")
+    except DownloadError:  # the app has the shared queue open: use the command line's own
+        manager = DownloadManager(data_dir() / "downloads-cli")
     tty = sys.stderr.isatty()
     last = [0.0]
 

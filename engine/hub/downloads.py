@@ -11,7 +11,8 @@ before it is moved into place; a mismatch fails the job and nothing is marked co
 Files land in the standard Hugging Face cache (`models--org--name/blobs|snapshots|refs`, the
 same names `hf_hub_download` uses, so mlx-lm and transformers see them) or in a chosen folder.
 Job state lives in `<state_dir>/downloads.json`; jobs that were running when the process died
-are resumed when a manager opens that folder again. Subscribers get plain `DownloadEvent`s.
+are resumed when a manager opens that folder again. One manager at a time holds a folder
+(an advisory lock on `downloads.lock`, released by `close()` or the process's end). Subscribers get plain `DownloadEvent`s.
 This module knows nothing about model formats or Qt.
 """
 
@@ -62,6 +63,24 @@ from engine.hub.jobs import (
 log = logging.getLogger("engine.hub")
 
 
+def _lock_queue(state_dir: Path) -> int | None:
+    """One manager per state folder (two would fetch into the same partial files)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return None
+    fd = os.open(state_dir / "downloads.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise DownloadError(
+            f"{state_dir}: another Latent Studio window or command is running these downloads; "
+            "close it or wait for it to finish"
+        ) from None
+    return fd
+
+
 class DownloadManager:
     """`enqueue` → job id; `pause/resume/cancel`; `jobs()`; `subscribe(callback)`; `close()`."""
 
@@ -91,6 +110,7 @@ class DownloadManager:
         self._thread: threading.Thread | None = None
         self._last_emit = 0.0
         self._last_save = 0.0
+        self._lock_fd = _lock_queue(self.state_dir)
         self._load()
         if any(j.status == "queued" for j in self._jobs.values()):
             self._start_worker()
@@ -202,6 +222,9 @@ class DownloadManager:
             self._thread.join(timeout=10)
         with self._lock:
             self._save(force=True)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the queue for the next manager
+                self._lock_fd = None
 
     # -- internals -------------------------------------------------------------------------------
     def _get(self, job_id: str) -> DownloadJob:
