@@ -1,0 +1,60 @@
+"""Qt plumbing the app relies on: signals can be emitted without limit (PySide6 6.12 on
+Python 3.11 frees `True` after a few hundred emits unless `app.gui.qtfix` guards it; checked in
+a fresh interpreter, where the abort would show), and the dark/light palettes are applied and
+re-render the transcript in matching colours."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PySide6.QtGui import QPalette
+
+pytestmark = pytest.mark.gui
+
+EMIT_MANY = """
+import app.gui
+from PySide6.QtCore import QCoreApplication, QObject, Signal
+app = QCoreApplication([])
+class A(QObject):
+    s = Signal(object)
+a = A()
+a.s.connect(lambda v: None)
+for i in range(20000):
+    a.s.emit({"done": True})
+print("ok")
+"""
+
+
+def test_many_emits_do_not_abort():
+    r = subprocess.run([sys.executable, "-c", EMIT_MANY], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-500:]
+
+
+def test_dark_and_light_palettes(qtbot, tmp_path):
+    from PySide6.QtWidgets import QApplication
+
+    from app.gui.theme import apply_theme
+    from fake_engine import make_window
+
+    app = QApplication.instance()
+    old = app.palette()
+    win = make_window(qtbot, tmp_path / "c.sqlite")
+    win.chat.composer.setPlainText("hi")
+    with qtbot.waitSignal(win.chat.reply_finished, timeout=10000):
+        win.chat.send()
+    try:
+        apply_theme(app, "dark")
+        assert app.palette().color(QPalette.Window).lightness() < 80
+        qtbot.waitUntil(win.chat.transcript._dark, timeout=2000)
+        dark_html = win.chat.transcript.toHtml()
+        assert "#2b3a55" in dark_html  # the user bubble's dark colour
+        apply_theme(app, "light")
+        assert app.palette().color(QPalette.Window).lightness() > 200
+        qtbot.waitUntil(lambda: not win.chat.transcript._dark(), timeout=2000)
+        assert "#e8effc" in win.chat.transcript.toHtml()
+    finally:
+        app.setPalette(old)
+        win.shutdown()
