@@ -10,7 +10,7 @@ X-Linked-Etag/X-Linked-Size, Content-Length and Range (206). Private and gated r
 
 Fault injection (per file, keyed by `(repo_id, path)`): drop the connection after N bytes,
 answer 500 N times, sleep per chunk, serve a body whose size or bytes differ from the Hub's
-metadata. Every request is logged (method, path, Range, whether a token came) — never the token.
+metadata, or a Content-Length header that lies about the body. Every request is logged (method, path, Range, whether a token came) — never the token.
 
 Repos are built from local folders or `{path: bytes}` dicts; nothing here knows about the app.
 """
@@ -102,6 +102,9 @@ class HubServer:
         self.slow: dict[tuple[str, str], float] = {}  # seconds of sleep per 4 KiB chunk
         self.wrong_size: dict[tuple[str, str], int] = {}  # bytes added to (or cut from) the body
         self.corrupt: set[tuple[str, str]] = set()  # flip one byte: same size, wrong hash
+        self.lie_length: dict[
+            tuple[str, str], int
+        ] = {}  # Content-Length header off by N (body right)
         self.lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -434,11 +437,17 @@ class _Handler(BaseHTTPRequestHandler):
 
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(body) + hub.lie_length.get(key, 0)))
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
         if self.command == "HEAD":
+            return
+        if key in hub.lie_length:  # send the true body, then hang up short of the promised length
+            self.wfile.write(body)
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
             return
 
         drop_at = None

@@ -98,11 +98,13 @@ def test_500s_forever_give_up_with_message(hub, tmp_path):
     m.close()
 
 
-@pytest.mark.parametrize("fault", ["longer", "shorter", "corrupt"])
+@pytest.mark.parametrize("fault", ["longer", "shorter", "corrupt", "content-length"])
 def test_wrong_size_or_hash_is_detected_and_not_marked_complete(hub, tmp_path, fault):
     key = (REPO, "tiny-Q8_0.gguf")
     if fault == "corrupt":
         hub.corrupt.add(key)
+    elif fault == "content-length":
+        hub.lie_length[key] = 5000
     else:
         hub.wrong_size[key] = 1000 if fault == "longer" else -1000
     m = _manager(tmp_path)
@@ -118,6 +120,7 @@ def test_wrong_size_or_hash_is_detected_and_not_marked_complete(hub, tmp_path, f
     # Once the server is fixed, resuming the job completes it correctly.
     hub.corrupt.clear()
     hub.wrong_size.clear()
+    hub.lie_length.clear()
     m.resume(job.id)
     job = m.wait(job.id, timeout=30)
     assert job.status == "done" and Path(job.path, "tiny-Q8_0.gguf").read_bytes() == hub.q8

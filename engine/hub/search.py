@@ -20,6 +20,7 @@ import os
 import re
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -512,65 +513,73 @@ def list_variants(
         raise friendly_error(e, repo_id) from None
     sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
     rev = info.sha or revision
-    out = []
-    for name, fmt, weights in _group_files(list(sizes)):
-        folder = str(PurePosixPath(weights[0]).parent)
-        prefix = "" if folder == "." else folder + "/"
-        aux = [
-            n
-            for n in sizes
-            if str(PurePosixPath(n).parent) == folder
-            and any(fnmatch.fnmatch(PurePosixPath(n).name, p) for p in AUX_PATTERNS)
-        ]
-        config = (
-            _fetch_json(repo_id, prefix + "config.json", rev)
-            if (prefix + "config.json") in sizes
-            else {}
+    groups = _group_files(list(sizes))
+    if not groups:
+        return []
+    # Each variant's headers are a few small Range requests: fetch them side by side.
+    with ThreadPoolExecutor(max_workers=min(8, len(groups))) as pool:
+        return list(
+            pool.map(lambda g: _variant(repo_id, rev, sizes, *g, context, memory_bytes), groups)
         )
-        quant = None
-        if fmt == "safetensors":
-            q = config.get("quantization") or config.get("quantization_config") or {}
-            if config.get("quantization") and q.get("bits"):
-                fmt, quant = "mlx", f"{q['bits']}bit"
-                label = f"mlx-{quant}"
-            else:
-                dt = config.get("torch_dtype") or config.get("dtype") or "float"
-                label = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dt, str(dt))
-            name = label if folder in (".", label) else f"{folder} ({label})"
+
+
+def _variant(
+    repo_id: str,
+    rev: str,
+    sizes: dict[str, int],
+    name: str,
+    fmt: str,
+    weights: list[str],
+    context: int,
+    memory_bytes: int | None,
+) -> Variant:
+    folder = str(PurePosixPath(weights[0]).parent)
+    prefix = "" if folder == "." else folder + "/"
+    aux = [
+        n
+        for n in sizes
+        if str(PurePosixPath(n).parent) == folder
+        and any(fnmatch.fnmatch(PurePosixPath(n).name, p) for p in AUX_PATTERNS)
+    ]
+    has_config = (prefix + "config.json") in sizes
+    config = _fetch_json(repo_id, prefix + "config.json", rev) if has_config else {}
+    quant = None
+    if fmt == "safetensors":
+        q = config.get("quantization") or config.get("quantization_config") or {}
+        if config.get("quantization") and q.get("bits"):
+            fmt, quant = "mlx", f"{q['bits']}bit"
+            label = f"mlx-{quant}"
         else:
-            quant, aux = name, []
-        files = sorted(weights + aux)
-        try:
-            est = estimate_memory(
-                [(w, remote_reader(repo_id, w, rev)) for w in weights], config, context
-            )
-            weight_b, kv_b, over_b, n_params = (
-                est.weight_bytes,
-                est.kv_bytes,
-                est.overhead_bytes,
-                est.n_params,
-            )
-        except Exception:  # header unreadable: fall back to the download size
-            weight_b = sum(sizes[w] for w in weights)
-            kv_b, over_b, n_params = (
-                kv_cache_bytes(config, context, 4) if config else 0,
-                OVERHEAD_BYTES,
-                None,
-            )
-        total = weight_b + kv_b + over_b
-        out.append(
-            Variant(
-                name=name,
-                files=files,
-                bytes=sum(sizes[f] for f in files),
-                format=fmt,
-                estimate_bytes=total,
-                fit=fit_label(total, memory_bytes),
-                weight_bytes=weight_b,
-                kv_bytes=kv_b,
-                overhead_bytes=over_b,
-                quantization=quant,
-                n_params=n_params,
-            )
+            dt = config.get("torch_dtype") or config.get("dtype") or "float"
+            label = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dt, str(dt))
+        name = label if folder in (".", label) else f"{folder} ({label})"
+    else:
+        quant, aux = name, []
+    files = sorted(weights + aux)
+    try:
+        readers = [(w, remote_reader(repo_id, w, rev)) for w in weights]
+        est = estimate_memory(readers, config, context)
+        weight_b, kv_b, over_b, n_params = (
+            est.weight_bytes,
+            est.kv_bytes,
+            est.overhead_bytes,
+            est.n_params,
         )
-    return out
+    except Exception:  # header unreadable: fall back to the download size
+        weight_b, n_params = sum(sizes[w] for w in weights), None
+        kv_b = kv_cache_bytes(config, context, _compute_bytes()) if config else 0
+        over_b = OVERHEAD_BYTES + weight_b // 20
+    total = weight_b + kv_b + over_b
+    return Variant(
+        name=name,
+        files=files,
+        bytes=sum(sizes[f] for f in files),
+        format=fmt,
+        estimate_bytes=total,
+        fit=fit_label(total, memory_bytes),
+        weight_bytes=weight_b,
+        kv_bytes=kv_b,
+        overhead_bytes=over_b,
+        quantization=quant,
+        n_params=n_params,
+    )
