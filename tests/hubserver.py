@@ -491,3 +491,13 @@ def hub_env(monkeypatch, tmp_path: Path, server: HubServer) -> Path:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
     return cache
+
+
+def wait_bytes(manager, job_id: str, n: int, timeout: float = 20.0) -> None:
+    """Block until a job has `n` bytes (fails the test instead of hanging)."""
+    deadline = time.monotonic() + timeout
+    while manager.job(job_id).bytes_done < n:
+        job = manager.job(job_id)
+        assert job.status in ("queued", "running"), (job.status, job.error)
+        assert time.monotonic() < deadline, f"stuck at {job.bytes_done} bytes"
+        time.sleep(0.01)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hubserver import HubServer, hub_env
+from hubserver import HubServer, hub_env, wait_bytes
 from huggingface_hub import try_to_load_from_cache
 
 from engine.hub import DownloadManager
@@ -131,9 +131,7 @@ def test_slow_server_cancel_within_a_second(hub, tmp_path):
     hub.slow[(REPO, "tiny-Q4_0.gguf")] = 0.02
     m = _manager(tmp_path)
     jid = m.enqueue(REPO, include="*Q4_0.gguf")
-    deadline = time.monotonic() + 10
-    while m.job(jid).bytes_done < 20_000 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_bytes(m, jid, 20_000)
     t0 = time.monotonic()
     m.cancel(jid)
     job = m.wait(jid, timeout=5)
@@ -149,8 +147,7 @@ def test_pause_then_resume_continues_from_partial(hub, tmp_path):
     events = []
     m.subscribe(events.append)
     jid = m.enqueue(REPO, include="*Q4_0.gguf")
-    while m.job(jid).bytes_done < 40_000:
-        time.sleep(0.01)
+    wait_bytes(m, jid, 40_000)
     m.pause(jid)
     job = m.wait(jid, timeout=5)
     assert job.status == "paused"
@@ -259,8 +256,7 @@ def test_remove_running_job_drops_it_and_its_partial(hub, tmp_path):
     hub.slow[(REPO, "tiny-Q4_0.gguf")] = 0.01
     m = _manager(tmp_path)
     jid = m.enqueue(REPO, include="*Q4_0.gguf")
-    while m.job(jid).bytes_done < 10_000:
-        time.sleep(0.01)
+    wait_bytes(m, jid, 10_000)
     m.remove(jid)
     assert m.jobs() == []
     assert not list((hub.cache / "models--org--tiny-GGUF" / "blobs").glob("*"))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hubserver import HubServer, hub_env
+from hubserver import HubServer, hub_env, wait_bytes
 
 from engine.hub import DownloadManager
 
@@ -113,8 +113,7 @@ def test_disk_filling_mid_file_stops_cleanly_and_resumes(hub, small_disk, tmp_pa
     hub.slow[(REPO, "big-Q4_0.gguf")] = 0.005
     m = DownloadManager(tmp_path / "state", backoff_s=0.05)
     jid = m.enqueue(REPO, include="*.gguf")
-    while m.job(jid).bytes_done < 50_000:
-        time.sleep(0.01)
+    wait_bytes(m, jid, 50_000)
     filler = small_disk / "filler"
     with open(filler, "wb", buffering=0) as f:  # another program eats the free space
         try:
