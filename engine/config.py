@@ -90,7 +90,7 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     30: ("BF16", 1, 2),
 }
 # what MLX's GGUF loader turns into arrays (quantized ones as affine triples)
-MLX_GGUF_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
+MLX_GGUF_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}  # BF16 arrives as fp16
 
 _SCALARS = {
     0: "<B",
