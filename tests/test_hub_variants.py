@@ -5,7 +5,8 @@ A tiny llama is made by HF transformers (`save_pretrained`, bf16) and an MLX 4-b
 Hub. `list_variants` must find the two variants with the right files and download sizes, and
 its weight estimate must equal the bytes of the parameters `engine.load` builds from the
 downloaded files within 10 %, the KV estimate the bytes the caches hold after `context`
-tokens, and the estimate must not count MLX packed weights 32/bits times over. The GGUF
+tokens, and the estimate must not count MLX packed weights 32/bits times over. transformers
+loads the downloaded repo by id from the HF cache, offline (the layout is the standard one). The GGUF
 header reader is checked against the `gguf` package on the default model, and its estimate
 against `engine.load` of that file. Fit labels follow the RAM thresholds; MLA caches are
 latent-sized ((kv_lora_rank + qk_rope_head_dim) per layer and token).
@@ -124,6 +125,13 @@ def test_variants_and_estimates_match_engine_load(hub, tmp_path):
         job = m.wait(m.enqueue(REPO, include=v.files), timeout=60)
         assert job.status == "done", job.error
         folder = job.path if v is st else f"{job.path}/mlx-4bit"
+        if v is st:  # the HF cache layout is the one transformers reads, by repo id, offline
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(
+                REPO, cache_dir=hub.cache, local_files_only=True
+            )
+            assert sum(p.numel() for p in hf.parameters()) == v.n_params
         loaded = load(folder)
         actual = loaded.info.weight_bytes
         assert abs(v.weight_bytes - actual) <= 0.10 * actual, (v.name, v.weight_bytes, actual)
