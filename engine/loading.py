@@ -186,6 +186,11 @@ def _safetensors_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     files = [f for f in files if not f.name.startswith("adapter")]
     if not files:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise ModelLoadError(
+                f"{folder}: only PyTorch pickle weights (.bin/.pt), which are never loaded; "
+                "use a safetensors or GGUF copy"
+            )
         raise ModelLoadError(f"{folder}: no *.safetensors weights found")
     return files
 

@@ -216,3 +216,8 @@ def test_not_a_gguf(tmp_path):
     path = tmp_path / "fake.gguf"
     path.write_bytes(b"NOPE" + b"\0" * 64)
     _fails(path, "fake.gguf", "not a GGUF")
+
+
+def test_pickle_weights_refused(tiny):
+    (tiny / "model.safetensors").rename(tiny / "pytorch_model.bin")
+    _fails(tiny, "pickle", str(tiny))
