@@ -191,7 +191,9 @@ class Store:
     def update_message(self, msg_id: int, content: str, stats: dict | None = None) -> None:
         with self._conn:
             if stats is None:
-                self._conn.execute("UPDATE messages SET content = ? WHERE id = ?", (content, msg_id))
+                self._conn.execute(
+                    "UPDATE messages SET content = ? WHERE id = ?", (content, msg_id)
+                )
             else:
                 self._conn.execute(
                     "UPDATE messages SET content = ?, stats = ? WHERE id = ?",

@@ -56,8 +56,17 @@ class FakeEvent:
 class FakeEngine:
     tokens: list[str] = field(
         default_factory=lambda: [
-            "Here", " is", " a", " short", " answer", ".\n\n", "```python\n",
-            "print('hi')\n", "```\n", "Done", ".",
+            "Here",
+            " is",
+            " a",
+            " short",
+            " answer",
+            ".\n\n",
+            "```python\n",
+            "print('hi')\n",
+            "```\n",
+            "Done",
+            ".",
         ]
     )
     delay: float = 0.02
@@ -80,8 +89,9 @@ class FakeEngine:
         if "broken" in str(path):
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic)")
         name = str(path).rsplit("/", 1)[-1].split(".")[0]
-        self._info = FakeInfo(name=name, path=str(path), adapter=adapter,
-                              context_length=self.context_length)
+        self._info = FakeInfo(
+            name=name, path=str(path), adapter=adapter, context_length=self.context_length
+        )
         import mlx.core as mx
 
         self.loaded = SimpleNamespace(model=_TinyModel(mx))
@@ -106,8 +116,13 @@ class FakeEngine:
             return SamplingParams(temperature=0.2, top_p=0.9, max_tokens=256)
         except ImportError:
             return SimpleNamespace(
-                temperature=0.2, top_p=0.9, top_k=0, min_p=0.0, repetition_penalty=1.0,
-                max_tokens=256, seed=None,
+                temperature=0.2,
+                top_p=0.9,
+                top_k=0,
+                min_p=0.0,
+                repetition_penalty=1.0,
+                max_tokens=256,
+                seed=None,
             )
 
     def count_tokens(self, messages: list[dict]) -> int:
@@ -153,9 +168,13 @@ class FakeEngine:
             yield FakeEvent(text=w, token_id=100 + i)
         elapsed = max(time.perf_counter() - t0, 1e-6)
         stats = FakeStats(
-            prompt_tokens=prompt_tokens, generated_tokens=n, ttft_s=ttft or 0.0,
-            prefill_tps=prompt_tokens / max(ttft or 1e-3, 1e-3), decode_tps=n / elapsed,
-            peak_memory_bytes=5_000_000, finish_reason=reason,
+            prompt_tokens=prompt_tokens,
+            generated_tokens=n,
+            ttft_s=ttft or 0.0,
+            prefill_tps=prompt_tokens / max(ttft or 1e-3, 1e-3),
+            decode_tps=n / elapsed,
+            peak_memory_bytes=5_000_000,
+            finish_reason=reason,
         )
         yield FakeEvent(text="", token_id=-1, done=True, stats=stats)
 
@@ -174,15 +193,15 @@ class _TinyModel:
         return self._p
 
 
-def make_window(qtbot: Any, db_path: Any, engine: FakeEngine | None = None, load: bool = True,
-                **kwargs: Any) -> Any:
+def make_window(
+    qtbot: Any, db_path: Any, engine: FakeEngine | None = None, load: bool = True, **kwargs: Any
+) -> Any:
     """A real MainWindow over `engine` (a FakeEngine by default), the model loaded."""
     from app.gui.main_window import MainWindow
     from app.store import Store
 
     engine = engine or FakeEngine()
-    win = MainWindow(store=Store(db_path), engine_factory=lambda: engine, autoload=False,
-                     **kwargs)
+    win = MainWindow(store=Store(db_path), engine_factory=lambda: engine, autoload=False, **kwargs)
     qtbot.addWidget(win)
     win.engine = engine
     win.show()

@@ -7,9 +7,8 @@ the context limit is shown; engine errors land in a banner and the app stays usa
 from __future__ import annotations
 
 import pytest
-from PySide6.QtCore import Qt
-
 from fake_engine import FakeEngine, make_window
+from PySide6.QtCore import Qt
 
 pytestmark = pytest.mark.gui
 
@@ -123,8 +122,10 @@ def test_history_survives_new_window(qtbot, tmp_path):
     win.shutdown()
     win.close()
     win2 = make_window(qtbot, db, load=False)
-    titles = [win2.chat.list_model.data(win2.chat.list_model.index(r))
-              for r in range(win2.chat.list_model.rowCount())]
+    titles = [
+        win2.chat.list_model.data(win2.chat.list_model.index(r))
+        for r in range(win2.chat.list_model.rowCount())
+    ]
     assert set(titles) == {"remember me", "Empty one"}
     win2.chat.open_conversation(first)
     assert "Reply 1: Here is a short answer." in win2.chat.transcript.toPlainText()

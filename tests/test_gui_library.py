@@ -23,9 +23,16 @@ def hub(tmp_path, monkeypatch):
     server.cache = hub_env(monkeypatch, tmp_path, server)
     rng = random.Random(0)
     server.q4 = bytes(rng.getrandbits(8) for _ in range(300_000))
-    server.add_repo(REPO, {"config.json": b'{"model_type": "llama"}',
-                           "tiny-Q4_0.gguf": server.q4, "tiny-Q8_0.gguf": b"x" * 90_000},
-                    tags=["gguf"], downloads=1234)
+    server.add_repo(
+        REPO,
+        {
+            "config.json": b'{"model_type": "llama"}',
+            "tiny-Q4_0.gguf": server.q4,
+            "tiny-Q8_0.gguf": b"x" * 90_000,
+        },
+        tags=["gguf"],
+        downloads=1234,
+    )
     server.add_repo("org/other-safetensors", {"config.json": b"{}"}, tags=["safetensors"])
     yield server
     server.stop()
@@ -91,8 +98,13 @@ def test_inspector_lists_parameters(qtbot, tmp_path):
     win = make_window(qtbot, tmp_path / "c.sqlite")
     ins = win.views["inspector"]
     qtbot.waitUntil(lambda: ins.model.rowCount() == 3, timeout=5000)
-    rows = {ins.model.data(ins.model.index(r, 0)): ins.model.data(ins.model.index(r, 1))
-            for r in range(3)}
-    assert rows == {"embed_tokens.weight": "32 × 8", "layers.0.self_attn.q_proj.weight": "8 × 8",
-                    "norm.weight": "8"}
+    rows = {
+        ins.model.data(ins.model.index(r, 0)): ins.model.data(ins.model.index(r, 1))
+        for r in range(3)
+    }
+    assert rows == {
+        "embed_tokens.weight": "32 × 8",
+        "layers.0.self_attn.q_proj.weight": "8 × 8",
+        "norm.weight": "8",
+    }
     win.shutdown()

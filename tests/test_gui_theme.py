@@ -28,16 +28,17 @@ print("ok")
 
 
 def test_many_emits_do_not_abort():
-    r = subprocess.run([sys.executable, "-c", EMIT_MANY], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", EMIT_MANY], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-500:]
 
 
 def test_dark_and_light_palettes(qtbot, tmp_path):
+    from fake_engine import make_window
     from PySide6.QtWidgets import QApplication
 
     from app.gui.theme import apply_theme
-    from fake_engine import make_window
 
     app = QApplication.instance()
     old = app.palette()

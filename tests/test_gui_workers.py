@@ -9,10 +9,10 @@ import threading
 import time
 
 import pytest
+from fake_engine import FakeEngine, make_window
 from PySide6.QtCore import QObject, QThread, QTimer, Signal
 
 from app.gui.workers import run_task
-from fake_engine import FakeEngine, make_window
 
 pytestmark = pytest.mark.gui
 
@@ -82,8 +82,11 @@ def test_run_task_reports_on_gui_thread(qtbot):
     progress = []
     done = _Done()
     with qtbot.waitSignal(done.sig, timeout=5000):
-        run_task(work, on_progress=progress.append,
-                 on_done=lambda r: (seen.update(done=(r, QThread.currentThread())), done.fire()))
+        run_task(
+            work,
+            on_progress=progress.append,
+            on_done=lambda r: (seen.update(done=(r, QThread.currentThread())), done.fire()),
+        )
     assert seen["done"][0] == 42 and progress == [0, 1, 2]
     assert seen["done"][1] is not seen["worker"]
     assert seen["done"][1] == QThread.currentThread()
@@ -95,14 +98,17 @@ def test_run_task_failure_is_one_line(qtbot):
     got = []
     done = _Done()
     with qtbot.waitSignal(done.sig, timeout=5000):
-        run_task(lambda t: (_ for _ in ()).throw(DownloadError("repo x/y: 404 not found")),
-                 on_failed=lambda m: (got.append(m), done.fire()))
+        run_task(
+            lambda t: (_ for _ in ()).throw(DownloadError("repo x/y: 404 not found")),
+            on_failed=lambda m: (got.append(m), done.fire()),
+        )
     assert got == ["repo x/y: 404 not found"]
 
 
 def test_first_run_welcome_fetches_then_chat_is_ready(qtbot, tmp_path, latent_home, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no models anywhere
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
     def fetcher(task):  # stands in for engine.defaults.ensure_default_model
         for done in (0, 50, 100):
             task.progress.emit(("SmolLM2-135M-Instruct.Q4_1.gguf", done, 100))
@@ -121,4 +127,3 @@ def test_first_run_welcome_fetches_then_chat_is_ready(qtbot, tmp_path, latent_ho
     with qtbot.waitSignal(win.chat.reply_finished, timeout=10000):
         win.chat.send()
     win.shutdown()
-

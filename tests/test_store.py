@@ -28,7 +28,9 @@ def test_wal_mode_and_restore(tmp_path):
     assert (c.title, c.system_prompt, c.params) == ("Trip", "Be brief.", {"temperature": 0.3})
     msgs = s2.messages(c.id)
     assert [(m.role, m.content, m.position) for m in msgs] == [
-        ("user", "Where to?", 0), ("assistant", "Lisbon.", 1)]
+        ("user", "Where to?", 0),
+        ("assistant", "Lisbon.", 1),
+    ]
     assert msgs[1].stats == {"decode_tps": 12.5}
     assert s2.setting("theme") == "dark" and s2.setting("missing", 7) == 7
 

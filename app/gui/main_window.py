@@ -14,8 +14,19 @@ from typing import Any
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QCheckBox, QComboBox, QFileDialog, QLabel, QListWidget, QListWidgetItem, QMainWindow,
-    QPushButton, QSizePolicy, QStackedWidget, QToolBar, QVBoxLayout, QWidget,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QMainWindow,
+    QPushButton,
+    QSizePolicy,
+    QStackedWidget,
+    QToolBar,
+    QVBoxLayout,
+    QWidget,
 )
 
 from app.gui.models.library import discover_local_models, human_bytes
@@ -39,8 +50,9 @@ def unavailable(what: str, detail: str = "") -> QWidget:
     """The placeholder shown for a part of the engine that has not landed."""
     w = QWidget()
     lay = QVBoxLayout(w)
-    lab = QLabel(f"<h2>{what}</h2><p>This part is not available yet.</p>"
-                 f"<p style='color:gray'>{detail}</p>")
+    lab = QLabel(
+        f"<h2>{what}</h2><p>This part is not available yet.</p><p style='color:gray'>{detail}</p>"
+    )
     lab.setAlignment(Qt.AlignCenter)
     lab.setWordWrap(True)
     lay.addWidget(lab)
@@ -176,8 +188,10 @@ class MainWindow(QMainWindow):
         self.adapter_combo.setMinimumWidth(160)
         self.adapter_check.toggled.connect(self._apply_adapter)
         self.adapter_combo.activated.connect(lambda *_: self._apply_adapter())
-        self._adapter_actions = [bar.addWidget(self.adapter_check),
-                                 bar.addWidget(self.adapter_combo)]
+        self._adapter_actions = [
+            bar.addWidget(self.adapter_check),
+            bar.addWidget(self.adapter_combo),
+        ]
         self.client.busy_changed.connect(self._update_toolbar)
         self.refresh_models()
         self._update_toolbar()
@@ -191,7 +205,9 @@ class MainWindow(QMainWindow):
             if p and p not in paths:
                 paths.append(p)
                 name = getattr(m, "name", None) or Path(p).name
-                self.model_combo.addItem(f"{name}  ·  {human_bytes(getattr(m, 'size_bytes', 0))}", p)
+                self.model_combo.addItem(
+                    f"{name}  ·  {human_bytes(getattr(m, 'size_bytes', 0))}", p
+                )
         for p in self.store.setting("recent_models", []):
             if p not in paths and Path(p).exists():
                 paths.append(p)

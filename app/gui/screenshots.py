@@ -81,8 +81,7 @@ def main(out_dir: str = "docs/screenshots") -> int:
         print(f"saved {out / name}.png")
 
     # first run
-    win0 = MainWindow(store=Store(home / "first.sqlite"), engine_factory=FakeEngine,
-                      autoload=False)
+    win0 = MainWindow(store=Store(home / "first.sqlite"), engine_factory=FakeEngine, autoload=False)
     win0.resize(1200, 760)
     win0.show()
     win0.chat.set_welcome(win0.welcome)
@@ -94,14 +93,21 @@ def main(out_dir: str = "docs/screenshots") -> int:
     eng = FakeEngine(tokens=_tokens(CANNED), delay=0.04, numbered=False)
     store = Store(home / "chats.sqlite")
     for title, q, a in (
-        ("Packing list for Lisbon", "What should I pack for 3 days in Lisbon in May?",
-         "Light layers, comfortable shoes for the hills, and a light rain jacket."),
+        (
+            "Packing list for Lisbon",
+            "What should I pack for 3 days in Lisbon in May?",
+            "Light layers, comfortable shoes for the hills, and a light rain jacket.",
+        ),
         ("Regex for dates", "A regex for ISO dates?", "`^\\d{4}-\\d{2}-\\d{2}$`"),
     ):
         c = store.create_conversation(title)
         store.add_message(c.id, "user", q)
-        store.add_message(c.id, "assistant", a, {"generated_tokens": 18, "decode_tps": 41.0,
-                                                   "ttft_s": 0.09, "finish_reason": "stop"})
+        store.add_message(
+            c.id,
+            "assistant",
+            a,
+            {"generated_tokens": 18, "decode_tps": 41.0, "ttft_s": 0.09, "finish_reason": "stop"},
+        )
     win = MainWindow(store=store, engine_factory=lambda: eng, autoload=False)
     win.resize(1280, 800)
     win.show()
@@ -134,8 +140,10 @@ def main(out_dir: str = "docs/screenshots") -> int:
         _wait_until(app, lambda: any(j.status == "done" for j in dl.model.rows))
         lib.enqueue(repo, ["smollm2-135m-instruct-q8_0.gguf"])
         win.show_view("downloads")
-        _wait_until(app, lambda: any(j.status == "running" and j.bytes_done > 300_000
-                                     for j in dl.model.rows))
+        _wait_until(
+            app,
+            lambda: any(j.status == "running" and j.bytes_done > 300_000 for j in dl.model.rows),
+        )
         dl.refresh()
         shot(win, "downloads")
         win.banner.hide()
@@ -193,16 +201,32 @@ def _start_hub():
     os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
     blob = os.urandom(600_000)
     for repo, files, dl in (
-        ("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
-         {"smollm2-135m-instruct-q8_0.gguf": blob, "smollm2-135m-instruct-q4_k_m.gguf": blob[:350_000]},
-         48_210),
-        ("HuggingFaceTB/SmolLM2-360M-Instruct-GGUF",
-         {"smollm2-360m-instruct-q8_0.gguf": blob[:200_000]}, 21_500),
-        ("HuggingFaceTB/SmolLM2-1.7B-Instruct",
-         {"config.json": b'{"model_type": "llama"}', "model.safetensors": _safetensors()}, 310_000),
+        (
+            "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+            {
+                "smollm2-135m-instruct-q8_0.gguf": blob,
+                "smollm2-135m-instruct-q4_k_m.gguf": blob[:350_000],
+            },
+            48_210,
+        ),
+        (
+            "HuggingFaceTB/SmolLM2-360M-Instruct-GGUF",
+            {"smollm2-360m-instruct-q8_0.gguf": blob[:200_000]},
+            21_500,
+        ),
+        (
+            "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+            {"config.json": b'{"model_type": "llama"}', "model.safetensors": _safetensors()},
+            310_000,
+        ),
     ):
-        server.add_repo(repo, files, downloads=dl, likes=dl // 100,
-                        tags=["gguf"] if "GGUF" in repo else ["safetensors"])
+        server.add_repo(
+            repo,
+            files,
+            downloads=dl,
+            likes=dl // 100,
+            tags=["gguf"] if "GGUF" in repo else ["safetensors"],
+        )
     return server
 
 

@@ -13,12 +13,21 @@ from PySide6.QtWidgets import QApplication
 def _dark_palette() -> QPalette:
     p = QPalette()
     c = {
-        QPalette.Window: "#1f2125", QPalette.WindowText: "#e6e6e6", QPalette.Base: "#17181b",
-        QPalette.AlternateBase: "#25272c", QPalette.ToolTipBase: "#2b2d31",
-        QPalette.ToolTipText: "#e6e6e6", QPalette.Text: "#e6e6e6", QPalette.Button: "#2b2d31",
-        QPalette.ButtonText: "#e6e6e6", QPalette.BrightText: "#ff6b6b",
-        QPalette.Highlight: "#3d6fd1", QPalette.HighlightedText: "#ffffff",
-        QPalette.Link: "#8ab4f8", QPalette.PlaceholderText: "#8a8f98", QPalette.Mid: "#8a8f98",
+        QPalette.Window: "#1f2125",
+        QPalette.WindowText: "#e6e6e6",
+        QPalette.Base: "#17181b",
+        QPalette.AlternateBase: "#25272c",
+        QPalette.ToolTipBase: "#2b2d31",
+        QPalette.ToolTipText: "#e6e6e6",
+        QPalette.Text: "#e6e6e6",
+        QPalette.Button: "#2b2d31",
+        QPalette.ButtonText: "#e6e6e6",
+        QPalette.BrightText: "#ff6b6b",
+        QPalette.Highlight: "#3d6fd1",
+        QPalette.HighlightedText: "#ffffff",
+        QPalette.Link: "#8ab4f8",
+        QPalette.PlaceholderText: "#8a8f98",
+        QPalette.Mid: "#8a8f98",
     }
     for role, col in c.items():
         p.setColor(role, QColor(col))
@@ -30,12 +39,20 @@ def _dark_palette() -> QPalette:
 def _light_palette() -> QPalette:
     p = QPalette()
     c = {
-        QPalette.Window: "#f4f5f7", QPalette.WindowText: "#1d1f23", QPalette.Base: "#ffffff",
-        QPalette.AlternateBase: "#f0f2f5", QPalette.Text: "#1d1f23", QPalette.Button: "#ffffff",
-        QPalette.ButtonText: "#1d1f23", QPalette.Highlight: "#2f6fde",
-        QPalette.HighlightedText: "#ffffff", QPalette.Link: "#1a5fb4",
-        QPalette.PlaceholderText: "#8a8f98", QPalette.Mid: "#6b7280",
-        QPalette.ToolTipBase: "#ffffff", QPalette.ToolTipText: "#1d1f23",
+        QPalette.Window: "#f4f5f7",
+        QPalette.WindowText: "#1d1f23",
+        QPalette.Base: "#ffffff",
+        QPalette.AlternateBase: "#f0f2f5",
+        QPalette.Text: "#1d1f23",
+        QPalette.Button: "#ffffff",
+        QPalette.ButtonText: "#1d1f23",
+        QPalette.Highlight: "#2f6fde",
+        QPalette.HighlightedText: "#ffffff",
+        QPalette.Link: "#1a5fb4",
+        QPalette.PlaceholderText: "#8a8f98",
+        QPalette.Mid: "#6b7280",
+        QPalette.ToolTipBase: "#ffffff",
+        QPalette.ToolTipText: "#1d1f23",
     }
     for role, col in c.items():
         p.setColor(role, QColor(col))

@@ -25,7 +25,13 @@ from typing import Any
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 SAMPLING_KEYS = (
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_tokens",
+    "seed",
 )
 
 
@@ -186,8 +192,14 @@ class EngineWorker(QObject):
             model = getattr(loaded, "model", None)
             if model is not None:
                 for name, arr in tree_flatten(model.parameters()):
-                    rows.append((name, tuple(arr.shape), str(arr.dtype).replace("mlx.core.", ""),
-                                 int(arr.nbytes)))
+                    rows.append(
+                        (
+                            name,
+                            tuple(arr.shape),
+                            str(arr.dtype).replace("mlx.core.", ""),
+                            int(arr.nbytes),
+                        )
+                    )
         except Exception as e:  # noqa: BLE001
             rows = [("error", (), error_text(e), 0)]
         self.inspected.emit(rows)
@@ -225,8 +237,16 @@ class EngineClient(QObject):
         self._do_generate.connect(self.worker.generate)
         self._do_count.connect(self.worker.count)
         self._do_inspect.connect(self.worker.inspect)
-        for name in ("loaded", "load_failed", "unloaded", "token", "finished", "failed",
-                     "counted", "inspected"):
+        for name in (
+            "loaded",
+            "load_failed",
+            "unloaded",
+            "token",
+            "finished",
+            "failed",
+            "counted",
+            "inspected",
+        ):
             getattr(self.worker, name).connect(getattr(self, name))
         self.loaded.connect(self._on_loaded)
         self.load_failed.connect(lambda _m: self._set_loading(False))
@@ -393,8 +413,7 @@ def run_task(
     thread = QThread()
     worker = TaskWorker(fn, iterate=iterate)
     worker.moveToThread(thread)
-    relay = _Relay({"done": on_done, "failed": on_failed, "progress": on_progress,
-                    "item": on_item})
+    relay = _Relay({"done": on_done, "failed": on_failed, "progress": on_progress, "item": on_item})
     entry = (thread, worker, relay)
     _RUNNING.add(entry)
     worker.done.connect(relay.done)

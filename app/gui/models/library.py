@@ -93,7 +93,10 @@ class SearchResultsModel(RecordTableModel):
         ("Model", lambda r: getattr(r, "repo_id", None) or getattr(r, "id", "")),
         ("Downloads", lambda r: human_count(getattr(r, "downloads", 0))),
         ("Likes", lambda r: human_count(getattr(r, "likes", 0))),
-        ("Params", lambda r: human_count(getattr(r, "n_params", None) or getattr(r, "params", None))),
+        (
+            "Params",
+            lambda r: human_count(getattr(r, "n_params", None) or getattr(r, "params", None)),
+        ),
         ("Formats", lambda r: ", ".join(getattr(r, "formats", None) or [])),
     ]
 
@@ -117,7 +120,10 @@ class LocalModelsModel(RecordTableModel):
     columns = [
         ("Name", lambda m: getattr(m, "name", None) or Path(str(getattr(m, "path", ""))).name),
         ("Format", lambda m: getattr(m, "format", "")),
-        ("Size", lambda m: human_bytes(getattr(m, "size_bytes", None) or getattr(m, "bytes", None))),
+        (
+            "Size",
+            lambda m: human_bytes(getattr(m, "size_bytes", None) or getattr(m, "bytes", None)),
+        ),
         ("Path", lambda m: str(getattr(m, "path", ""))),
     ]
 
@@ -180,7 +186,10 @@ class DownloadsModel(RecordTableModel):
     columns = [
         ("Model", "repo_id"),
         ("Files", lambda j: ", ".join(j.include) if getattr(j, "include", None) else "all files"),
-        ("Progress", lambda j: f"{human_bytes(j.bytes_done) or '0 B'} / {human_bytes(j.bytes_total) or '?'}"),
+        (
+            "Progress",
+            lambda j: f"{human_bytes(j.bytes_done) or '0 B'} / {human_bytes(j.bytes_total) or '?'}",
+        ),
         ("Speed", _job_speed),
         ("Status", lambda j: j.status + (f": {j.error}" if getattr(j, "error", None) else "")),
     ]

@@ -10,9 +10,23 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QAbstractItemView, QApplication, QFrame, QHBoxLayout, QInputDialog, QLabel, QLineEdit,
-    QListView, QMenu, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSplitter,
-    QStackedWidget, QVBoxLayout, QWidget,
+    QAbstractItemView,
+    QApplication,
+    QFrame,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QLineEdit,
+    QListView,
+    QMenu,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSplitter,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
 )
 
 from app.gui.models.conversations import ConversationListModel
@@ -67,7 +81,9 @@ class ChatView(QWidget):
         self.list.setEditTriggers(QAbstractItemView.EditKeyPressed)
         self.list.setContextMenuPolicy(Qt.CustomContextMenu)
         self.list.customContextMenuRequested.connect(self._list_menu)
-        self.list.clicked.connect(lambda ix: self.open_conversation(self.list_model.id_at(ix.row())))
+        self.list.clicked.connect(
+            lambda ix: self.open_conversation(self.list_model.id_at(ix.row()))
+        )
         self.list.setSpacing(2)
         self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         self.list.setTextElideMode(Qt.ElideRight)
@@ -376,8 +392,9 @@ class ChatView(QWidget):
         if req != self.req:
             return
         if self.stream_text:
-            self.store.add_message(self.stream_conv, "assistant", self.stream_text,
-                                   {"finish_reason": "error"})
+            self.store.add_message(
+                self.stream_conv, "assistant", self.stream_text, {"finish_reason": "error"}
+            )
         self.req = None
         self.transcript.end_stream()
         self._reload()
@@ -411,8 +428,9 @@ class ChatView(QWidget):
             self.editing_position = msg.position
             self.composer.setPlainText(msg.content)
             self.composer.setFocus()
-            self.notice.setText("Editing a sent message: Send replaces it and the replies after "
-                                "it. Esc cancels.")
+            self.notice.setText(
+                "Editing a sent message: Send replaces it and the replies after it. Esc cancels."
+            )
             self.notice.show()
         elif kind == "regen":
             self.regenerate()

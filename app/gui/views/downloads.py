@@ -11,8 +11,18 @@ from typing import Any
 
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (
-    QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QPushButton, QStyle,
-    QStyledItemDelegate, QStyleOptionProgressBar, QApplication, QTableView, QVBoxLayout, QWidget,
+    QAbstractItemView,
+    QApplication,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QStyle,
+    QStyledItemDelegate,
+    QStyleOptionProgressBar,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
 )
 
 from app.gui.models.library import DownloadsModel
@@ -107,7 +117,9 @@ class DownloadsView(QWidget):
                 if j.id == sel:
                     self.table.selectRow(i)
         active = sum(j.status in ("queued", "running") for j in jobs)
-        self.summary.setText(f"{active} active, {len(jobs)} in all" if jobs else "No downloads yet.")
+        self.summary.setText(
+            f"{active} active, {len(jobs)} in all" if jobs else "No downloads yet."
+        )
         if not first and any(j.status == "done" and j.id not in was_done for j in jobs):
             self.window.refresh_models()  # a finished download is a new local model
 

@@ -17,8 +17,19 @@ from typing import Any
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
-    QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
-    QPlainTextEdit, QPushButton, QSpinBox, QSplitter, QVBoxLayout, QWidget,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
 )
 
 from app.gui.workers import plain, run_task
@@ -78,10 +89,24 @@ class LossPlot(QWidget):
         self.plot.setLabel("left", "loss")
         self.plot.addLegend(offset=(-10, 10))
         self.train = self.plot.plot([], [], pen=pg.mkPen("#2f6fde", width=2), name="train")
-        self.val = self.plot.plot([], [], pen=pg.mkPen("#e07b00", width=2), symbol="o",
-                                  symbolSize=7, symbolBrush="#e07b00", name="validation")
-        self.best = self.plot.plot([], [], pen=None, symbol="star", symbolSize=16,
-                                   symbolBrush="#1e9e4a", name="best checkpoint")
+        self.val = self.plot.plot(
+            [],
+            [],
+            pen=pg.mkPen("#e07b00", width=2),
+            symbol="o",
+            symbolSize=7,
+            symbolBrush="#e07b00",
+            name="validation",
+        )
+        self.best = self.plot.plot(
+            [],
+            [],
+            pen=None,
+            symbol="star",
+            symbolSize=16,
+            symbolBrush="#1e9e4a",
+            name="best checkpoint",
+        )
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.plot)
@@ -127,7 +152,7 @@ class FinetuneView(QWidget):
             w = QSpinBox() if dec is None else QDoubleSpinBox()
             if dec is not None:
                 w.setDecimals(dec)
-                w.setSingleStep(10 ** -dec * (10 if dec > 2 else 5))
+                w.setSingleStep(10**-dec * (10 if dec > 2 else 5))
             w.setRange(lo, hi)
             w.setValue(default)
             self.hyper[key] = w
@@ -146,7 +171,9 @@ class FinetuneView(QWidget):
         for b in (self.preview_btn, self.start_btn, self.cancel_btn, self.resume_btn):
             brow.addWidget(b)
         self.report = QPlainTextEdit(readOnly=True)
-        self.report.setPlaceholderText("The dataset report shows here: files, documents, tokens, chunks.")
+        self.report.setPlaceholderText(
+            "The dataset report shows here: files, documents, tokens, chunks."
+        )
         self.adapters = QListWidget()
         arow = QHBoxLayout()
         for text, fn in (("Use in chat", self._use_adapter), ("Delete", self._delete_adapter)):
@@ -184,8 +211,10 @@ class FinetuneView(QWidget):
         lay.setContentsMargins(12, 8, 12, 8)
         lay.addWidget(split)
         if self.trainer is None:
-            self.progress.setText("Training is not available yet (engine.train.trainer has not "
-                                  "landed); the data preview works.")
+            self.progress.setText(
+                "Training is not available yet (engine.train.trainer has not "
+                "landed); the data preview works."
+            )
         self._update_buttons()
         self.refresh_adapters()
 
@@ -219,8 +248,9 @@ class FinetuneView(QWidget):
             from engine.train.data import build_dataset
 
             tok = Tokenizer.from_path(model)
-            _ds, report = build_dataset(folder, tok, int(v["max_seq_len"]),
-                                        val_fraction=float(v["val_fraction"]))
+            _ds, report = build_dataset(
+                folder, tok, int(v["max_seq_len"]), val_fraction=float(v["val_fraction"])
+            )
             return report.summary()
 
         self.report.setPlainText("Reading the folder…")
@@ -254,9 +284,13 @@ class FinetuneView(QWidget):
         self.progress.setText("Starting…")
         trainer = self.trainer
 
-        self.task = run_task(lambda task: trainer.train(config, cancel=task.cancel_event),
-                             iterate=True, on_item=self._on_event, on_done=self._on_done,
-                             on_failed=self._failed)
+        self.task = run_task(
+            lambda task: trainer.train(config, cancel=task.cancel_event),
+            iterate=True,
+            on_item=self._on_event,
+            on_done=self._on_done,
+            on_failed=self._failed,
+        )
         self._update_buttons()
 
     def _on_event(self, ev: Any) -> None:
@@ -282,8 +316,9 @@ class FinetuneView(QWidget):
     def _on_done(self, _last: Any) -> None:
         cancelled = self.task is not None and self.task.cancelled
         self.task = None
-        self.progress.setText(self.progress.text() + ("  ·  cancelled (Resume goes on)"
-                                                      if cancelled else "  ·  done"))
+        self.progress.setText(
+            self.progress.text() + ("  ·  cancelled (Resume goes on)" if cancelled else "  ·  done")
+        )
         self._update_buttons()
         self.refresh_adapters()
 

@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtWidgets import QHeaderView, QLabel, QLineEdit, QPushButton, QHBoxLayout, QTableView, QVBoxLayout, QWidget
 from PySide6.QtCore import QSortFilterProxyModel
+from PySide6.QtWidgets import (
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
 
 from app.gui.models.library import RecordTableModel, human_bytes
 

@@ -10,14 +10,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtWidgets import (
-    QAbstractItemView, QComboBox, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
-    QMessageBox, QPushButton, QSpinBox, QSplitter, QTableView, QVBoxLayout, QWidget,
-)
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
 
 from app.gui.models.library import (
-    LocalModelsModel, SearchResultsModel, VariantsModel, discover_local_models, human_bytes,
+    LocalModelsModel,
+    SearchResultsModel,
+    VariantsModel,
+    discover_local_models,
+    human_bytes,
 )
 from app.gui.workers import run_task
 
@@ -100,8 +116,12 @@ class LibraryView(QWidget):
         self.local_view = _table(self.local)
         self.local_view.doubleClicked.connect(lambda *_: self.load_selected())
         row = QHBoxLayout()
-        for text, fn in (("Load", self.load_selected), ("Delete…", self.delete_selected),
-                         ("Import…", self.import_model), ("Refresh", self.refresh_local)):
+        for text, fn in (
+            ("Load", self.load_selected),
+            ("Delete…", self.delete_selected),
+            ("Import…", self.import_model),
+            ("Refresh", self.refresh_local),
+        ):
             b = QPushButton(text)
             b.clicked.connect(fn)
             row.addWidget(b)
@@ -141,13 +161,20 @@ class LibraryView(QWidget):
         if self.hub is None:
             return
         fmt = self.format.currentText()
-        kwargs = dict(formats=None if fmt == "any format" else [fmt], sort=self.sort.currentText(),
-                      limit=50, max_params=self.max_params.value() * 10**9 or None)
+        kwargs = dict(
+            formats=None if fmt == "any format" else [fmt],
+            sort=self.sort.currentText(),
+            limit=50,
+            max_params=self.max_params.value() * 10**9 or None,
+        )
         query = self.query.text().strip()
         self.status.setText("Searching…")
         self.search_btn.setEnabled(False)
-        run_task(lambda _t: self.hub.search_models(query, **kwargs),
-                 on_done=self._on_results, on_failed=self._on_failed)
+        run_task(
+            lambda _t: self.hub.search_models(query, **kwargs),
+            on_done=self._on_results,
+            on_failed=self._on_failed,
+        )
 
     def _on_results(self, rows: list) -> None:
         self.search_btn.setEnabled(True)
@@ -166,14 +193,20 @@ class LibraryView(QWidget):
         repo = self.results.rows[current.row()].repo_id
         self.variant_note.setText(f"Reading {repo}…")
         self.variants.set_rows([])
-        run_task(lambda _t: self.hub.list_variants(repo), on_done=self._on_variants,
-                 on_failed=self._on_failed)
+        run_task(
+            lambda _t: self.hub.list_variants(repo),
+            on_done=self._on_variants,
+            on_failed=self._on_failed,
+        )
 
     def _on_variants(self, rows: list) -> None:
         self.variants.set_rows(rows)
         self.variant_note.setText(
             "Memory needed = weights + a 4,096-token KV cache + overhead, against this "
-            "machine's memory." if rows else "No loadable variant in this repository.")
+            "machine's memory."
+            if rows
+            else "No loadable variant in this repository."
+        )
 
     def selected_repo(self) -> str | None:
         ix = self.results_view.currentIndex()
@@ -200,8 +233,11 @@ class LibraryView(QWidget):
     # ---- local ---------------------------------------------------------------------------
     def refresh_local(self) -> None:
         extra = self.window.store.setting("extra_model_dirs", [])
-        run_task(lambda _t: discover_local_models(extra), on_done=self.local.set_rows,
-                 on_failed=self._on_failed)
+        run_task(
+            lambda _t: discover_local_models(extra),
+            on_done=self.local.set_rows,
+            on_failed=self._on_failed,
+        )
 
     def _selected_local(self) -> Any | None:
         ix = self.local_view.currentIndex()
@@ -218,25 +254,32 @@ class LibraryView(QWidget):
         if m is None or self.hub is None:
             return
         size = human_bytes(getattr(m, "size_bytes", 0))
-        answer = QMessageBox.question(self, "Delete model",
-                                      f"Delete {m.name} ({size}) from disk?")
+        answer = QMessageBox.question(self, "Delete model", f"Delete {m.name} ({size}) from disk?")
         if answer != QMessageBox.Yes:
             return
-        run_task(lambda _t: self.hub.delete_model(m.path),
-                 on_done=lambda n: (self.status.setText(f"Freed {human_bytes(n) or '0 B'}"),
-                                    self.refresh_local(), self.window.refresh_models()),
-                 on_failed=self._on_failed)
+        run_task(
+            lambda _t: self.hub.delete_model(m.path),
+            on_done=lambda n: (
+                self.status.setText(f"Freed {human_bytes(n) or '0 B'}"),
+                self.refresh_local(),
+                self.window.refresh_models(),
+            ),
+            on_failed=self._on_failed,
+        )
 
     def import_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Import a model", str(Path.home()),
-                                              "Models (*.gguf config.json)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Import a model", str(Path.home()), "Models (*.gguf config.json)"
+        )
         if not path or self.hub is None:
             return
         if path.endswith("config.json"):
             path = str(Path(path).parent)
-        run_task(lambda _t: self.hub.import_model(path),
-                 on_done=lambda _m: (self.refresh_local(), self.window.refresh_models()),
-                 on_failed=self._on_failed)
+        run_task(
+            lambda _t: self.hub.import_model(path),
+            on_done=lambda _m: (self.refresh_local(), self.window.refresh_models()),
+            on_failed=self._on_failed,
+        )
 
 
 def make_view(window: Any) -> QWidget:

@@ -9,8 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from PySide6.QtWidgets import (
-    QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
-    QPlainTextEdit, QPushButton, QVBoxLayout, QWidget,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPlainTextEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
 )
 
 
@@ -40,7 +49,8 @@ class SettingsView(QWidget):
         self.system = QPlainTextEdit(store.setting("default_system_prompt", ""))
         self.system.setMaximumHeight(100)
         self.system.textChanged.connect(
-            lambda: store.set_setting("default_system_prompt", self.system.toPlainText()))
+            lambda: store.set_setting("default_system_prompt", self.system.toPlainText())
+        )
         self.token = QLineEdit()
         self.token.setEchoMode(QLineEdit.Password)
         self.token.setPlaceholderText("hf_… (for gated models; stored with permissions 0600)")

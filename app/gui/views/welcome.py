@@ -62,8 +62,9 @@ class WelcomePanel(QWidget):
         self.progress.show()
         self.progress.setRange(0, 0)  # busy until the first numbers arrive
         self.status.setText("Fetching the default model…")
-        self.task = run_task(self.fetcher, on_done=self._done, on_failed=self._failed,
-                             on_progress=self._progress)
+        self.task = run_task(
+            self.fetcher, on_done=self._done, on_failed=self._failed, on_progress=self._progress
+        )
 
     def _progress(self, args: Any) -> None:
         args = tuple(args) if isinstance(args, (tuple, list)) else (args,)

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
-    QDoubleSpinBox, QFormLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+    QDoubleSpinBox,
+    QFormLayout,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
 )
 
 GUI_DEFAULTS = {
-    "temperature": 0.7, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
-    "repetition_penalty": 1.0, "max_tokens": 512, "seed": -1,
+    "temperature": 0.7,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "max_tokens": 512,
+    "seed": -1,
 }
 
 
@@ -48,8 +58,13 @@ class SamplingPanel(QWidget):
         self.fields["seed"].setSpecialValueText("random")
         form = QFormLayout()
         labels = {
-            "temperature": "Temperature", "top_p": "Top-p", "top_k": "Top-k", "min_p": "Min-p",
-            "repetition_penalty": "Repetition penalty", "max_tokens": "Max tokens", "seed": "Seed",
+            "temperature": "Temperature",
+            "top_p": "Top-p",
+            "top_k": "Top-k",
+            "min_p": "Min-p",
+            "repetition_penalty": "Repetition penalty",
+            "max_tokens": "Max tokens",
+            "seed": "Seed",
         }
         for key, w in self.fields.items():
             form.addRow(labels[key], w)

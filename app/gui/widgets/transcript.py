@@ -105,8 +105,9 @@ class Transcript(QTextBrowser):
                     f'<a href="regen:{i}" style="color:{link}; text-decoration:none;">Regenerate</a>'
                 )
             meta = _fmt_stats(stats) if role == "assistant" else ""
-            parts.append(self._bubble(role, render_markdown(content, dark, i), actions, meta,
-                                      user_bg, muted))
+            parts.append(
+                self._bubble(role, render_markdown(content, dark, i), actions, meta, user_bg, muted)
+            )
         if self.streaming is not None:
             body = render_markdown(self.streaming + " ▍", dark, len(self.messages))
             parts.append(self._bubble("assistant", body, [], "generating…", user_bg, muted))
@@ -117,8 +118,9 @@ class Transcript(QTextBrowser):
         self.setHtml("".join(parts))
         bar.setValue(bar.maximum() if at_bottom else keep)
 
-    def _bubble(self, role: str, body: str, actions: list[str], meta: str, user_bg: str,
-                muted: str) -> str:
+    def _bubble(
+        self, role: str, body: str, actions: list[str], meta: str, user_bg: str, muted: str
+    ) -> str:
         who = "You" if role == "user" else html.escape(self.assistant_name)
         footer = " &nbsp;·&nbsp; ".join(actions)
         if meta:
