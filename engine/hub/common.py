@@ -19,11 +19,13 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import build_hf_headers
 
 from engine.errors import DownloadError
 from engine.paths import data_dir
 
 TOKEN_FILE = "hf_token"
+LIBRARY = "latent-studio"
 
 
 def endpoint() -> str:
@@ -72,13 +74,13 @@ def get_token() -> str | None:
 
 
 def auth_headers() -> dict[str, str]:
-    tok = get_token()
-    return {"Authorization": f"Bearer {tok}"} if tok else {}
+    """The client's own headers (user agent, `Authorization: Bearer` when there is a token)."""
+    return build_hf_headers(token=get_token() or False, library_name=LIBRARY)
 
 
 def api() -> HfApi:
     # token=False when none: the client must not pick up a stale one behind our back.
-    return HfApi(endpoint=endpoint(), token=get_token() or False)
+    return HfApi(endpoint=endpoint(), token=get_token() or False, library_name=LIBRARY)
 
 
 def friendly_error(e: Exception, repo_id: str, path: str | None = None) -> DownloadError:
