@@ -165,6 +165,9 @@ class DownloadManager:
         """Queue a paused, failed or disk-full job again; it goes on from its partial files."""
         with self._lock:
             job = self._get(job_id)
+            if job.status == "running" and self._stop.get(job_id) == "pause":
+                del self._stop[job_id]  # paused and resumed before the worker noticed: go on
+                return
             if job.status in ("paused", "failed", "disk full", "cancelled"):
                 job.status, job.error = "queued", None
                 self._stop.pop(job_id, None)
@@ -218,8 +221,9 @@ class DownloadManager:
             self._closing = True
             self._cond.notify_all()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        worker = self._thread
+        if worker is not None:
+            worker.join(timeout=10)
         with self._lock:
             self._save(force=True)
             if self._lock_fd is not None:
