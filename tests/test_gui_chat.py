@@ -197,3 +197,36 @@ def test_errors_show_banner_and_app_stays_usable(qtbot, tmp_path):
     send(qtbot, win, "hello again")
     assert contents(win)[-1][1].startswith("Reply")
     win.shutdown()
+
+
+def test_copy_links_put_text_on_clipboard(qtbot, tmp_path):
+    from PySide6.QtWidgets import QApplication
+
+    win = make_window(qtbot, tmp_path / "c.sqlite")
+    send(qtbot, win, "code please")
+    win.chat.transcript.action.emit("copy-code", 1, 0)
+    assert QApplication.clipboard().text() == "print('hi')"
+    win.chat.transcript.action.emit("copy", 0, -1)
+    assert QApplication.clipboard().text() == "code please"
+    win.shutdown()
+
+
+def test_toolbar_adapter_toggle_and_unload(qtbot, tmp_path, latent_home):
+    from engine.paths import adapters_dir
+
+    (adapters_dir() / "my-notes-lora").mkdir()
+    win = make_window(qtbot, tmp_path / "c.sqlite")
+    win.refresh_models()
+    assert win.adapter_check.isEnabled() and win.adapter_combo.currentText() == "my-notes-lora"
+    with qtbot.waitSignal(win.client.loaded, timeout=5000) as sig:
+        win.adapter_check.setChecked(True)
+    assert sig.args[0]["adapter"] == str(adapters_dir() / "my-notes-lora")
+    assert "adapter my-notes-lora" in win.model_label.text()
+    with qtbot.waitSignal(win.client.loaded, timeout=5000) as sig:
+        win.adapter_check.setChecked(False)
+    assert sig.args[0]["adapter"] is None
+    with qtbot.waitSignal(win.client.unloaded, timeout=5000):
+        win.unload_btn.click()
+    assert win.client.info is None and win.engine.info() is None
+    assert not win.chat.send_btn.isEnabled() and win.status.text() == "No model loaded"
+    win.shutdown()

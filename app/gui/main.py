@@ -24,9 +24,11 @@ def make_app(argv: list[str] | None = None):
     app.setApplicationName("Latent Studio")
     app.setOrganizationName("latent-studio")
     app.setDesktopFileName("latent-studio")
-    icon = RESOURCES / "icon.svg"
-    if icon.exists():
-        app.setWindowIcon(QIcon(str(icon)))
+    for name in ("icon.svg", "icon.png"):
+        icon = QIcon(str(RESOURCES / name))
+        if not icon.isNull():
+            app.setWindowIcon(icon)
+            break
     apply_theme(app, "system")
     return app
 

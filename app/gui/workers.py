@@ -293,7 +293,8 @@ class EngineClient(QObject):
             except Exception:  # noqa: BLE001
                 pass
 
-    def shutdown(self, wait_ms: int = 5000) -> None:
+    def shutdown(self, wait_ms: int = 120_000) -> None:
+        """Stop generating and end the engine thread (a load in progress is waited for)."""
         self.cancel()
         self.thread.quit()
         self.thread.wait(wait_ms)

@@ -6,6 +6,9 @@ from the model's `generation_defaults()`. Seed -1 means random.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
@@ -25,6 +28,9 @@ GUI_DEFAULTS = {
     "max_tokens": 512,
     "seed": -1,
 }
+_DEFAULTS_FILE = Path(__file__).resolve().parents[3] / "resources" / "default_settings.json"
+if _DEFAULTS_FILE.exists():  # used when a model has no generation_config.json
+    GUI_DEFAULTS.update(json.loads(_DEFAULTS_FILE.read_text()).get("sampling", {}))
 
 
 class SamplingPanel(QWidget):
