@@ -382,7 +382,8 @@ def load(
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path}: not a model (expected a .gguf file or a model folder)")
         gguf_file = path
-    elif not (path / "config.json").exists():
+    elif not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
+        # a GGUF repo may carry a config.json beside the .gguf but no safetensors
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             gguf_file = ggufs[0]
@@ -391,7 +392,7 @@ def load(
                 f"{path}: holds {len(ggufs)} .gguf files; pass one of them: "
                 + ", ".join(g.name for g in ggufs)
             )
-        else:
+        elif not (path / "config.json").exists():
             raise ModelLoadError(f"{path}: no config.json and no .gguf file")
     cdtype = parse_dtype(dtype) or compute_dtype()
     if gguf_file is not None:
