@@ -1,8 +1,10 @@
-"""Each Metal kernel body, taken from its Python module and compiled as C++ through
-kernels/shim (g++), equals its plain-ops reference bit for bit on ragged shapes, fp16 and fp32
-outputs and all 256 fp8 codes; the CUDA twins are checked the same way where mlx-cuda runs
-(marked `cuda`, skipped elsewhere). NaNs compare as NaNs: MLX's CPU float->half cast writes the
-payload 0x7d00 where C++ and GPUs write 0x7e00, a difference in no value.
+"""Each kernel body, taken from its Python module (the Metal body and its CUDA twin, wrapped as
+metal_kernel / cuda_kernel wrap them) and compiled as C++ through kernels/shim (g++), equals its
+plain-ops reference bit for bit on ragged shapes, fp16 and fp32 outputs, all 256 fp8 codes and
+non-default block sizes; warp/simdgroup shuffles run as 32 real threads. On an NVIDIA machine with
+mlx-cuda the CUDA twins are also run through mx.fast.cuda_kernel (marked `cuda`, skipped here).
+NaNs compare as NaNs: MLX's CPU float->half cast writes the payload 0x7d00 where C++ and GPUs
+write 0x7e00, a difference in no value.
 """
 
 from __future__ import annotations
@@ -26,10 +28,19 @@ from kernels.fp8_matvec import (
     fp8_matvec_ordered_ref,
     fp8_matvec_ref,
 )
-from kernels.shim.harness import cpp_source, have_compiler, run_metal_body
+from kernels.shim.harness import (
+    cpp_source,
+    cuda_cpp_source,
+    have_compiler,
+    run_cuda_body,
+    run_metal_body,
+)
+
+RUN = {"metal": run_metal_body, "cuda": run_cuda_body}
 
 needs_gxx = pytest.mark.skipif(not have_compiler(), reason="g++ not installed")
-pytestmark = pytest.mark.slow  # a fresh g++ build is ~1-5 s per kernel instantiation (then cached)
+# a fresh g++ build is ~0.3 s of CPU per kernel instantiation (cached after), more on a busy box
+pytestmark = pytest.mark.slow
 
 
 def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
@@ -55,24 +66,28 @@ def test_harness_wraps_the_modules_own_string():
     launch = fp8_dequant_launch(*_fp8_case(4, 4, 0), (128, 128), mx.float16)
     assert FP8_DEQUANT.metal in cpp_source(FP8_DEQUANT, launch)
     assert FP8_DEQUANT.metal_header in cpp_source(FP8_DEQUANT, launch)
+    assert FP8_DEQUANT.cuda in cuda_cpp_source(FP8_DEQUANT, launch)
+    assert "using T = __half;" in cuda_cpp_source(FP8_DEQUANT, launch)
 
 
 @needs_gxx
+@pytest.mark.parametrize("dialect", ["metal", "cuda"])
 @pytest.mark.parametrize("shape", [(300, 200), (16, 256), (1, 1)])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
-def test_fp8_dequant_body_bit_exact(shape, dtype):
+def test_fp8_dequant_body_bit_exact(shape, dtype, dialect):
     w, s = _fp8_case(*shape, seed=shape[0])
     if shape == (16, 256):  # every code, each with several scales
         w = mx.arange(16 * 256, dtype=mx.uint32).astype(mx.uint8).reshape(16, 256)
-    got = run_metal_body(FP8_DEQUANT, fp8_dequant_launch(w, s, (128, 128), dtype))[0]
+    got = RUN[dialect](FP8_DEQUANT, fp8_dequant_launch(w, s, (128, 128), dtype))[0]
     assert bits_equal(got, np.array(fp8_dequant_ref(w, s, (128, 128), dtype)))
 
 
 @needs_gxx
-def test_fp8_dequant_body_other_block_size():
+@pytest.mark.parametrize("dialect", ["metal", "cuda"])
+def test_fp8_dequant_body_other_block_size(dialect):
     w, _ = _fp8_case(70, 50, seed=3)
     s = mx.array(np.random.default_rng(3).uniform(0.1, 2, size=(3, 4)).astype(np.float32))
-    got = run_metal_body(FP8_DEQUANT, fp8_dequant_launch(w, s, (32, 16), mx.float32))[0]
+    got = RUN[dialect](FP8_DEQUANT, fp8_dequant_launch(w, s, (32, 16), mx.float32))[0]
     assert bits_equal(got, np.array(fp8_dequant_ref(w, s, (32, 16), mx.float32)))
 
 
@@ -86,11 +101,12 @@ def test_fp8_dequant_body_other_block_size():
         (8, 32, mx.float32, mx.float16),
     ],
 )
-def test_affine_dequant_body_bit_exact(bits, group_size, sdt, out):
+@pytest.mark.parametrize("dialect", ["metal", "cuda"])
+def test_affine_dequant_body_bit_exact(bits, group_size, sdt, out, dialect):
     w = mx.array(np.random.default_rng(bits).standard_normal((40, 256)).astype(np.float32))
     wq, scales, biases = quantize_affine(w, group_size, bits, scale_dtype=sdt)
     launch = affine_dequant_launch(wq, scales, biases, group_size, bits, out)
-    got = run_metal_body(AFFINE_DEQUANT, launch)[0]
+    got = RUN[dialect](AFFINE_DEQUANT, launch)[0]
     assert bits_equal(got, np.array(affine_dequant_ref(wq, scales, biases, group_size, bits, out)))
 
 
@@ -105,12 +121,13 @@ def test_affine_dequant_body_on_mlx_quantize_2bit():
 
 
 @needs_gxx
+@pytest.mark.parametrize("dialect", ["metal", "cuda"])
 @pytest.mark.parametrize("shape", [(300, 200), (130, 576), (7, 5)])
-def test_fp8_matvec_body_bit_exact(shape):
+def test_fp8_matvec_body_bit_exact(shape, dialect):
     n, k = shape
     w, s = _fp8_case(n, k, seed=k, nan=False)
     x = mx.array(np.random.default_rng(k).standard_normal(k).astype(np.float32))
-    got = run_metal_body(FP8_MATVEC, fp8_matvec_launch(w, s, x, (128, 128), mx.float32))[0]
+    got = RUN[dialect](FP8_MATVEC, fp8_matvec_launch(w, s, x, (128, 128), mx.float32))[0]
     assert bits_equal(got, np.array(fp8_matvec_ordered_ref(w, s, x)))
     # and the order-free spec agrees to float32 accumulation error
     spec = np.array(fp8_matvec_ref(w, s, x))
