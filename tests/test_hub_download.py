@@ -180,6 +180,8 @@ def test_pause_then_resume_continues_from_partial(hub, tmp_path):
 def test_download_into_chosen_folder(hub, tmp_path):
     m = _manager(tmp_path)
     dest = tmp_path / "my-models" / "tiny"
+    dest.mkdir(parents=True)
+    (dest / "tiny-Q8_0.gguf").write_bytes(b"\0" * len(hub.q8))  # same size, wrong bytes: replaced
     job = m.wait(m.enqueue(REPO, include="*Q8_0.gguf", local_dir=dest), timeout=30)
     assert job.status == "done" and (dest / "tiny-Q8_0.gguf").read_bytes() == hub.q8
     m.close()

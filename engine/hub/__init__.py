@@ -4,7 +4,8 @@ with `HF_ENDPOINT`/`HF_TOKEN` read at call time (mirrors and tokens set after st
 
 - `search.py`: `search_models`, `list_variants`, `estimate_memory` (what fits this machine).
 - `downloads.py`: `DownloadManager` (queue, progress, pause/resume/cancel, retry, verify);
-  `jobs.py`: its plain data (`DownloadJob`, `FileState`, `DownloadEvent`).
+  `jobs.py`: its plain data (`DownloadJob`, `FileState`, `DownloadEvent`); `files.py`: cache
+  layout, checksums and the queue lock.
 - `library.py`: `local_models`, `delete_model`, `import_model`.
 - `common.py`: endpoint, token (saved 0600, never logged), cache folder, error wording.
 """

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,6 @@ from pathlib import Path
 import httpx2
 from huggingface_hub import get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import get_session, hf_raise_for_status
 
 from engine.errors import DownloadError
@@ -46,6 +44,15 @@ from engine.hub.common import (
     get_token,
     hf_cache_dir,
     scrub,
+)
+from engine.hub.files import (
+    file_digest,
+    file_matches,
+    final_path,
+    lock_queue,
+    partial_path,
+    pointer_path,
+    storage_dir,
 )
 from engine.hub.jobs import (
     ACTIVE,
@@ -61,24 +68,6 @@ from engine.hub.jobs import (
 )
 
 log = logging.getLogger("engine.hub")
-
-
-def _lock_queue(state_dir: Path) -> int | None:
-    """One manager per state folder (two would fetch into the same partial files)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here
-        return None
-    fd = os.open(state_dir / "downloads.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise DownloadError(
-            f"{state_dir}: another Latent Studio window or command is running these downloads; "
-            "close it or wait for it to finish"
-        ) from None
-    return fd
 
 
 class DownloadManager:
@@ -110,7 +99,7 @@ class DownloadManager:
         self._thread: threading.Thread | None = None
         self._last_emit = 0.0
         self._last_save = 0.0
-        self._lock_fd = _lock_queue(self.state_dir)
+        self._lock_fd = lock_queue(self.state_dir)
         self._load()
         if any(j.status == "queued" for j in self._jobs.values()):
             self._start_worker()
@@ -435,31 +424,10 @@ class DownloadManager:
             self._save(force=True)
 
     # -- where files go ---------------------------------------------------------------------------
-    def _storage(self, job: DownloadJob) -> Path:
-        return self.cache_dir / repo_folder_name(repo_id=job.repo_id, repo_type="model")
-
-    def _final_path(self, job: DownloadJob, f: FileState) -> Path:
-        if job.local_dir:
-            return Path(job.local_dir) / f.path
-        return (
-            self._storage(job)
-            / "blobs"
-            / (f.sha256 or f.blob_id or hashlib.sha1(f.path.encode()).hexdigest())
-        )
-
-    def _partial_path(self, job: DownloadJob, f: FileState) -> Path:
-        p = self._final_path(job, f)
-        return p.with_name(p.name + ".incomplete")
-
-    def _pointer(self, job: DownloadJob, f: FileState) -> Path:
-        if job.local_dir:
-            return Path(job.local_dir) / f.path
-        return self._storage(job) / "snapshots" / str(job.commit) / f.path
-
     def _remove_partials(self, job: DownloadJob) -> None:
         for f in job.files:
             if not f.complete:
-                self._partial_path(job, f).unlink(missing_ok=True)
+                partial_path(self.cache_dir, job, f).unlink(missing_ok=True)
                 f.done = 0
         job.bytes_done = sum(f.size for f in job.files if f.complete)
 
@@ -467,9 +435,9 @@ class DownloadManager:
         need = 0
         for f in job.files:
             if not f.complete:
-                part = self._partial_path(job, f)
+                part = partial_path(self.cache_dir, job, f)
                 need += f.size - (part.stat().st_size if part.exists() else 0)
-        target = Path(job.local_dir) if job.local_dir else self._storage(job)
+        target = Path(job.local_dir) if job.local_dir else storage_dir(self.cache_dir, job)
         free = free_bytes(target)
         if need > free:
             raise DiskFull(
@@ -480,11 +448,11 @@ class DownloadManager:
     # -- one file ---------------------------------------------------------------------------------
     def _download_file(self, job: DownloadJob, f: FileState, t0: float) -> None:
         final, part, pointer = (
-            self._final_path(job, f),
-            self._partial_path(job, f),
-            self._pointer(job, f),
+            final_path(self.cache_dir, job, f),
+            partial_path(self.cache_dir, job, f),
+            pointer_path(self.cache_dir, job, f),
         )
-        if final.is_file() and final.stat().st_size == f.size:
+        if final.is_file() and final.stat().st_size == f.size and file_matches(f, final):
             self._link(job, f, final, pointer)  # already there (same blob in another revision)
             return
         with self._lock:
@@ -493,7 +461,13 @@ class DownloadManager:
             job.repo_id, f.path, revision=job.commit or job.revision, endpoint=endpoint()
         )
         # The client's own HEAD: checks access (gated → GatedRepoError) before any byte is fetched.
-        self._retrying(job, f.path, lambda: get_hf_file_metadata(url, token=get_token() or False))
+        meta = self._retrying(
+            job, f.path, lambda: get_hf_file_metadata(url, token=get_token() or False)
+        )
+        if not f.size and meta.size:  # a mirror that lists no sizes: take the file's headers
+            with self._lock:
+                f.size = int(meta.size)
+                job.bytes_total = sum(x.size for x in job.files)
         part.parent.mkdir(parents=True, exist_ok=True)
         self._retrying(
             job,
@@ -524,6 +498,7 @@ class DownloadManager:
             part.unlink()
             have = 0
         if have == f.size:
+            part.touch()
             return
         headers = {**auth_headers(), "Accept-Encoding": "identity"}
         if have:
@@ -596,29 +571,22 @@ class DownloadManager:
                 f"{job.repo_id}/{f.path}: size mismatch ({size} bytes, the Hub lists "
                 f"{f.size}); partial deleted, resume to fetch it again"
             )
-        if f.sha256:
-            h, expect, kind = hashlib.sha256(), f.sha256, "sha256"
-        elif f.blob_id:
-            h, expect, kind = hashlib.sha1(b"blob %d\0" % f.size), f.blob_id, "git sha1"
-        else:
-            return
-        with open(part, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        if h.hexdigest() != expect:
+        d = file_digest(f, part)
+        if d is not None and d[1] != d[2]:
+            kind, expect, got = d
             part.unlink()
             with self._lock:
                 f.done = 0
             raise DownloadError(
                 f"{job.repo_id}/{f.path}: {kind} mismatch (expected {expect[:12]}…, got "
-                f"{h.hexdigest()[:12]}…); partial deleted, resume to fetch it again"
+                f"{got[:12]}…); partial deleted, resume to fetch it again"
             )
 
     def _finish(self, job: DownloadJob) -> None:
         if job.local_dir:
             job.path = job.local_dir
             return
-        storage = self._storage(job)
+        storage = storage_dir(self.cache_dir, job)
         if job.commit and job.revision != job.commit:
             (storage / "refs").mkdir(parents=True, exist_ok=True)
             (storage / "refs" / job.revision).write_text(job.commit)
