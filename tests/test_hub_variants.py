@@ -9,7 +9,8 @@ tokens, and the estimate must not count MLX packed weights 32/bits times over. t
 loads the downloaded repo by id from the HF cache, offline (the layout is the standard one). The GGUF
 header reader is checked against the `gguf` package on the default model, and its estimate
 against `engine.load` of that file. Fit labels follow the RAM thresholds; MLA caches are
-latent-sized ((kv_lora_rank + qk_rope_head_dim) per layer and token).
+latent-sized ((kv_lora_rank + qk_rope_head_dim) per layer and token), equal to what the engine's
+LatentCache holds for a tiny DeepSeek-V2.
 """
 
 from __future__ import annotations
@@ -219,3 +220,30 @@ def test_gguf_header_and_estimate_on_the_default_model(default_model_path):
     assert abs(est.weight_bytes - actual) <= 0.10 * actual, (est.weight_bytes, actual)
     kv = _cache_bytes(loaded, 16)
     assert abs(est.kv_bytes - kv) <= 0.10 * kv, (est.kv_bytes, kv)
+
+
+def test_mla_kv_estimate_matches_the_engines_latent_cache():
+    """A tiny DeepSeek-V2 (MLA) in our engine: the latent cache it fills equals the estimate."""
+    from engine.models import get_model_classes
+
+    cfg = {
+        "model_type": "deepseek_v2",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "kv_lora_rank": 16,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "max_position_embeddings": 512,
+    }
+    Model, Args = get_model_classes("deepseek_v2")
+    model = Model(Args.from_dict(cfg))
+    cache = model.make_cache()
+    model(mx.zeros((1, 300), dtype=mx.int32), cache=cache)
+    mx.eval([c.state for c in cache])
+    actual = sum(c.nbytes for c in cache)
+    assert kv_cache_bytes(cfg, 300, 4) == actual == (16 + 8) * 2 * 512 * 4
