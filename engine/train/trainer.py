@@ -55,7 +55,7 @@ class TrainConfig:
     alpha: float = 16.0  # scale = alpha / rank
     dropout: float = 0.0
     num_layers: int | None = None  # adapt the last N decoder layers (None: all)
-    max_seq_len: int = 512
+    max_seq_len: int | None = 512  # None: 512 or the model's context if shorter
     overlap: int | None = None
     val_fraction: float = 0.1
     batch_size: int = 4
@@ -391,6 +391,8 @@ def train(config: TrainConfig, cancel: threading.Event | None = None) -> Iterato
     if tok is None:
         raise TrainingError(f"{config.model}: the model has no tokenizer")
     ctx = getattr(getattr(loaded, "info", None), "context_length", None)
+    if config.max_seq_len is None:  # not chosen: 512, or the model's context if shorter
+        config.max_seq_len = min(512, ctx or 512)
     ds, report = build_dataset(config.data, tok, config.max_seq_len, config.overlap,
                                config.val_fraction, config.seed, context_length=ctx)
     yield TrainEvent("data", message=report.summary(), report=report)
@@ -438,11 +440,12 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
         if ckpt is None:
             raise TrainingError(f"{run.root}: no checkpoint to resume from")
         state = _restore(ckpt, model, opt)
-        yield TrainEvent("start", state.step, total, message=f"resumed {run.root} at step {state.step}")
+        yield TrainEvent("start", state.step, total, checkpoint=str(run.root),
+                         message=f"resumed {run.root} at step {state.step}")
     else:
         run.root.mkdir(parents=True, exist_ok=True)
         _atomic_json(run.root / "config.json", config.to_json())
-        yield TrainEvent("start", 0, total, message=f"run {run.root}: {total} steps, "
+        yield TrainEvent("start", 0, total, checkpoint=str(run.root), message=f"run {run.root}: {total} steps, "
                          f"{len(L.adapter_weights(model, config.fine_tune_type))} trainable tensors")
         ev = _eval_event(model, eval_set, config, pad, state, 0, total, eval_name, run, adapter_cfg,
                          initial=True)
