@@ -265,6 +265,9 @@ def load_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
             m = re.search(r"self_attn\.(q_proj|k_proj)\.", k)
             if m:
                 weights[k] = _unpermute_rows(weights[k], heads[m.group(1)])
+    if "rope_freqs.weight" in raw:
+        factors = raw["rope_freqs.weight"].astype(mx.float32).reshape(-1).tolist()
+        config["rope_scaling"] = {**(config.get("rope_scaling") or {}), "freq_factors": factors}
     config["quantization_format"] = _gguf_quant_name(header)
     config["gguf_has_tokenizer"] = bool(header.metadata.get("tokenizer.ggml.tokens"))
     return weights, config

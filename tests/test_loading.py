@@ -246,17 +246,47 @@ def _write_gguf(hf, arch: str, path) -> None:
             if arch == "llama" and mod == "self_attn.k_proj":
                 v = _llamacpp_permute(v, c.num_key_value_heads)
         w.add_tensor(name, v)
+    rp = c.rope_parameters
+    if rp.get("rope_type") == "llama3":
+        # convert_hf_to_gguf.py LlamaModel: llama3 scaling travels as per-pair divisors
+        dim = c.hidden_size // c.num_attention_heads
+        inv = 1.0 / (rp["rope_theta"] ** (np.arange(0, dim, 2) / dim))
+        old = rp["original_max_position_embeddings"]
+        lo, hi, f = rp["low_freq_factor"], rp["high_freq_factor"], rp["factor"]
+        factors = []
+        for freq in inv:
+            wavelen = 2 * np.pi / freq
+            if wavelen < old / hi:
+                factors.append(1.0)
+            elif wavelen > old / lo:
+                factors.append(f)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                factors.append(1 / ((1 - smooth) / f + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "qwen2", "qwen3"])
 def test_gguf_families_match_transformers(tmp_path, arch):
-    """llama (Q/K rows permuted by the converter), qwen2 (q/k/v bias), qwen3 (q/k norm, head_dim)."""
+    """llama (Q/K rows permuted by the converter), llama 3 RoPE (as `rope_freqs.weight`),
+    qwen2 (q/k/v bias), qwen3 (q/k norm, head_dim)."""
+    llama3 = {
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+            "rope_theta": 500.0,
+        }
+    }
     classes = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+        "llama3-rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM, llama3),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
     }
@@ -276,19 +306,19 @@ def test_gguf_families_match_transformers(tmp_path, arch):
     )
     cfg._attn_implementation = "eager"
     hf = cls(cfg).eval()
+    gguf_arch = "llama" if arch == "llama3-rope" else arch
     path = tmp_path / f"{arch}.gguf"
-    _write_gguf(hf, arch, path)
-    if arch == "qwen3":
-        ref_model = (
-            hf  # transformers' GGUF reader ignores qwen3's key_length, so compare to the source
-        )
+    _write_gguf(hf, gguf_arch, path)
+    if arch in ("qwen3", "llama3-rope"):
+        # transformers' GGUF reader ignores qwen3's key_length and rope_freqs: compare to the source
+        ref_model = hf
     else:
         ref_model = transformers.AutoModelForCausalLM.from_pretrained(
             tmp_path, gguf_file=path.name, dtype=torch.float32, use_kernels=False
         ).eval()
     ids = _ids()
     loaded = engine.load(path)
-    assert loaded.config["model_type"] == arch
+    assert loaded.config["model_type"] == gguf_arch
     out = np.array(loaded.model(mx.array(ids)))
     assert np.abs(out - _hf_logits(ref_model, ids)).max() <= 1e-4
 

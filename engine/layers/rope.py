@@ -144,6 +144,11 @@ class RoPE(nn.Module):
             raise ValueError(
                 f"unsupported rope_type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
             )
+        if params.get("freq_factors") is not None:
+            # GGUF `rope_freqs.weight`: llama.cpp divides each pair's frequency by its factor
+            # (how llama 3.x scaling travels in GGUF files)
+            factors = mx.array(params["freq_factors"], dtype=mx.float32)
+            inv = (default_inv_freq(dims, self.base) if inv is None else inv) / factors
         # mx.fast.rope takes per-pair periods (1/inv_freq); stored privately, not a parameter.
         self._periods = None if inv is None else 1.0 / inv
 
