@@ -50,11 +50,24 @@ def _randomize(model, seed: int = 0) -> None:
 
 def _base_config(**kw) -> dict:
     cfg = dict(
-        vocab_size=64, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
-        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=0,
-        max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=12,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=0,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )
     cfg.update(kw)
     return cfg
@@ -97,8 +110,12 @@ def _stepwise(model, tokens=TOKENS, cache=None) -> np.ndarray:
 V2_CASES = {
     "plain_q_greedy": dict(q_lora_rank=None, topk_method="greedy"),
     "q_lora_group_limited": dict(
-        q_lora_rank=20, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-        routed_scaling_factor=1.5, first_k_dense_replace=1,
+        q_lora_rank=20,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+        first_k_dense_replace=1,
     ),
 }
 
@@ -116,16 +133,29 @@ def test_deepseek_v2_matches_transformers(tmp_path, case):
 
 V3_YARN = dict(
     rope_parameters=dict(
-        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
-        beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.8,
+        rope_type="yarn",
+        rope_theta=10000.0,
+        factor=4.0,
+        original_max_position_embeddings=64,
+        beta_fast=32,
+        beta_slow=1,
+        mscale=1.0,
+        mscale_all_dim=0.8,
     ),
 )
 
 
 def test_deepseek_v3_matches_transformers(tmp_path):
     folder, ref = make_checkpoint(
-        tmp_path, "deepseek_v3", q_lora_rank=20, n_group=4, topk_group=2, first_k_dense_replace=1,
-        norm_topk_prob=True, routed_scaling_factor=2.5, **V3_YARN,
+        tmp_path,
+        "deepseek_v3",
+        q_lora_rank=20,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        **V3_YARN,
     )
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["n_group"] == 4
@@ -147,8 +177,15 @@ def test_quantized_latent_cache_logit_error(tmp_path):
     All layers are dense here: in a tiny random MoE a perturbation can flip a router choice,
     which says nothing about the cache (bench/deepseek_cache.py reports the MoE model's error).
     """
-    folder, _ = make_checkpoint(tmp_path, "deepseek_v3", kv_lora_rank=64, qk_rope_head_dim=32,
-                                n_group=2, topk_group=1, first_k_dense_replace=3)
+    folder, _ = make_checkpoint(
+        tmp_path,
+        "deepseek_v3",
+        kv_lora_rank=64,
+        qk_rope_head_dim=32,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=3,
+    )
     model = engine.load(folder, dtype="float32", kv_bits=8).model
     assert type(model.make_cache()[0]).__name__ == "QuantizedLatentCache"  # the load's default
     exact = _stepwise(model, cache=model.make_cache(kv_bits=0))
@@ -158,7 +195,9 @@ def test_quantized_latent_cache_logit_error(tmp_path):
         cache = model.make_cache(kv_bits=bits)
         got = _stepwise(model, cache=cache)
         errors[bits] = float(np.abs(got - exact).max())
-        print(f"\n{bits}-bit latent cache: max abs logit error {errors[bits]:.2e} (logit range {scale:.2f})")
+        print(
+            f"\n{bits}-bit latent cache: max abs logit error {errors[bits]:.2e} (logit range {scale:.2f})"
+        )
         # B=2 rows; 96 values packed; c_kv in one group of 64, k_pe in one of 32, fp32 scale+bias each
         assert cache[0].bytes_per_token == 2 * (96 * bits // 8 + 2 * 2 * 4) < 2 * 96 * 4
     assert 0 < errors[8] < 0.03 * scale
@@ -188,7 +227,12 @@ def test_bad_checkpoints_name_key_and_expected_value(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         engine.load(folder)
     msg = str(e.value)
-    assert "qk_nope_head_dim=12" in msg and "kv_b_proj.weight" in msg and "= 96" in msg and "\n" not in msg
+    assert (
+        "qk_nope_head_dim=12" in msg
+        and "kv_b_proj.weight" in msg
+        and "= 96" in msg
+        and "\n" not in msg
+    )
 
     _edit_config(folder, qk_nope_head_dim=16)
     engine.load(folder)  # restored: loads again
@@ -213,12 +257,24 @@ def test_affine_quantized_checkpoint_roundtrip(tmp_path):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    folder, _ = make_checkpoint(tmp_path, "deepseek_v2", q_lora_rank=32, kv_lora_rank=32,
-                                qk_nope_head_dim=32, v_head_dim=32, hidden_size=64,
-                                moe_intermediate_size=32, num_hidden_layers=2)
+    folder, _ = make_checkpoint(
+        tmp_path,
+        "deepseek_v2",
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        hidden_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+    )
     model = engine.load(folder, dtype="float32").model
-    nn.quantize(model, group_size=32, bits=4,
-                class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("embed_tokens"))
+    nn.quantize(
+        model,
+        group_size=32,
+        bits=4,
+        class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("embed_tokens"),
+    )
     assert type(model.layers[0].mlp.switch_mlp.up_proj).__name__ == "QuantizedSwitchLinear"
     qfolder = tmp_path / "q4"
     qfolder.mkdir()

@@ -26,13 +26,21 @@ from engine.layers.mla import (
 )
 from engine.models.deepseek_v2 import Model, ModelArgs
 
-DIMS = dict(hidden_size=48, num_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=32,
-            v_head_dim=12)
+DIMS = dict(
+    hidden_size=48,
+    num_heads=4,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=32,
+    v_head_dim=12,
+)
 
 
 def _attn(q_lora_rank=None, seed=0) -> MultiHeadLatentAttention:
     mx.random.seed(seed)
-    attn = MultiHeadLatentAttention(**DIMS, q_lora_rank=q_lora_rank, rope_config_dict={"rope_theta": 1000.0})
+    attn = MultiHeadLatentAttention(
+        **DIMS, q_lora_rank=q_lora_rank, rope_config_dict={"rope_theta": 1000.0}
+    )
     # non-trivial norm weights so the latent is not just unit-RMS noise
     attn.kv_a_layernorm.weight = 1 + 0.2 * mx.random.normal(attn.kv_a_layernorm.weight.shape)
     return attn
@@ -54,9 +62,14 @@ def test_absorbed_equals_materialized(q_lora_rank):
     # a 5-token prefix, a 3-token chunk (cache offset 5), then one decode token, per path
     for mode in ("materialized", "absorbed"):
         cache = LatentCache(32, 32)
-        parts = [_run(attn, x[:, :5], mode, cache), _run(attn, x[:, 5:8], mode, cache),
-                 _run(attn, x[:, 8:], mode, cache)]
-        np.testing.assert_allclose(np.array(mx.concatenate(parts, 1)), np.array(full_m), atol=1e-5, rtol=0)
+        parts = [
+            _run(attn, x[:, :5], mode, cache),
+            _run(attn, x[:, 5:8], mode, cache),
+            _run(attn, x[:, 8:], mode, cache),
+        ]
+        np.testing.assert_allclose(
+            np.array(mx.concatenate(parts, 1)), np.array(full_m), atol=1e-5, rtol=0
+        )
 
 
 class _Forbidden(nn.Linear):
@@ -95,16 +108,30 @@ def test_quantized_absorbed_equals_attention_over_dequantized_rows(bits):
     replay.state = (c_kv[..., :6, :], k_pe[..., :6, :])
     want = _run(attn, x[:, 6:], "absorbed", replay)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
-    assert qcache.bytes_per_token == 2 * (64 * bits // 8 + 2 * 2 * 4)  # 2 groups of 32, fp32 scale+bias
+    assert qcache.bytes_per_token == 2 * (
+        64 * bits // 8 + 2 * 2 * 4
+    )  # 2 groups of 32, fp32 scale+bias
 
 
 def test_latent_cache_holds_exactly_the_latent():
-    args = ModelArgs.from_dict(dict(
-        vocab_size=50, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
-        num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=24, q_lora_rank=None,
-        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4,
-        num_experts_per_tok=2, n_shared_experts=1,
-    ))
+    args = ModelArgs.from_dict(
+        dict(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            kv_lora_rank=24,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+        )
+    )
     model = Model(args)
     cache = model.make_cache()
     tokens = mx.array([list(range(1, 41))])
@@ -136,8 +163,16 @@ def test_latent_cache_holds_exactly_the_latent():
 
 
 def test_softmax_scale_yarn_formula():
-    cfg = {"rope_scaling": {"type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
-                            "original_max_position_embeddings": 4096}, "rope_theta": 10000}
+    cfg = {
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 4096,
+        },
+        "rope_theta": 10000,
+    }
     mscale = 0.1 * 0.707 * math.log(40) + 1
     assert mla_softmax_scale(192, cfg) == pytest.approx(192**-0.5 * mscale**2, rel=1e-12)
     assert mla_softmax_scale(192, {"rope_theta": 10000}) == pytest.approx(192**-0.5)

@@ -63,10 +63,12 @@ def _sorted(ids, weights):
 
 # 8 experts in 4 groups of 2. Row 0: greedy -> {0, 2}; best group by max -> g0 -> {0, 1};
 # best group by top-2 sum -> g1 -> {2, 3}. Row 1: a bias on expert 7 drags it in under noaux_tc.
-HAND = np.array([
-    [3.0, -2.0, 2.9, 2.8, -1.0, -1.0, 0.0, 0.0],
-    [1.0, 0.5, -0.5, 2.0, 0.2, -0.3, 0.1, -4.0],
-])
+HAND = np.array(
+    [
+        [3.0, -2.0, 2.9, 2.8, -1.0, -1.0, 0.0, 0.0],
+        [1.0, 0.5, -0.5, 2.0, 0.2, -0.3, 0.1, -4.0],
+    ]
+)
 BIAS = np.array([0, 0, 0, 0, 0, 0, 0, 9.0])
 
 
@@ -81,8 +83,15 @@ def test_hand_made_scores_separate_the_methods():
         spec = RouterSpec(topk_method=method, scoring_func=scoring, **k2)
         ids, _ = route(mx.array(HAND, mx.float32), spec)
         assert sorted(np.array(ids)[0].tolist()) == want, method
-    spec = RouterSpec(topk_method="noaux_tc", scoring_func="sigmoid", top_k=2, n_group=4, topk_group=2,
-                      norm_topk_prob=True, routed_scaling_factor=2.5)
+    spec = RouterSpec(
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        top_k=2,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    )
     ids, weights = _sorted(*route(mx.array(HAND, mx.float32), spec, mx.array(BIAS, mx.float32)))
     assert 7 in ids[1].tolist()
     # weights come from the unbiased sigmoid scores
@@ -95,20 +104,39 @@ SPECS = [
     RouterSpec(top_k=3, norm_topk_prob=True),
     RouterSpec(top_k=2, routed_scaling_factor=1.7, scale_normalized=False),
     RouterSpec(top_k=2, norm_topk_prob=True, routed_scaling_factor=1.7, scale_normalized=False),
-    RouterSpec(top_k=3, topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0),
-    RouterSpec(top_k=2, topk_method="noaux_tc", scoring_func="sigmoid", n_group=4, topk_group=2,
-               norm_topk_prob=True, routed_scaling_factor=2.5),
+    RouterSpec(
+        top_k=3,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=16.0,
+    ),
+    RouterSpec(
+        top_k=2,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    ),
     RouterSpec(top_k=4, topk_method="noaux_tc", scoring_func="sigmoid", n_group=2, topk_group=1),
     RouterSpec(top_k=2, scoring_func="sigmoid", norm_topk_prob=True),
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.topk_method}-{s.scoring_func}-k{s.top_k}")
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=lambda s: f"{s.topk_method}-{s.scoring_func}-k{s.top_k}"
+)
 def test_route_matches_numpy(spec):
     rng = np.random.default_rng(0)
     logits = np.concatenate([HAND, rng.normal(size=(40, 8)) * 2])
     bias = rng.normal(size=8) * 0.3 if spec.topk_method == "noaux_tc" else None
-    got = _sorted(*route(mx.array(logits, mx.float32), spec, None if bias is None else mx.array(bias, mx.float32)))
+    got = _sorted(
+        *route(
+            mx.array(logits, mx.float32), spec, None if bias is None else mx.array(bias, mx.float32)
+        )
+    )
     want = np_route(logits, spec, bias)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
@@ -138,7 +166,9 @@ def test_switch_glu_matches_per_token_loop(n_tokens, quantized):
     mx.random.seed(1)
     layer = SwitchGLU(64, 64, 6)
     if quantized:
-        nn.quantize(layer, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized"))
+        nn.quantize(
+            layer, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized")
+        )
         assert type(layer.gate_proj).__name__ == "QuantizedSwitchLinear"
 
         def dense(m):
@@ -152,7 +182,9 @@ def test_switch_glu_matches_per_token_loop(n_tokens, quantized):
     x = rng.normal(size=(n_tokens, 64)).astype(np.float32)
     inds = np.stack([rng.choice(6, 2, replace=False) for _ in range(n_tokens)]).astype(np.int32)
     got = np.array(layer(mx.array(x), mx.array(inds)))
-    want = _np_experts(x, inds, dense(layer.gate_proj), dense(layer.up_proj), dense(layer.down_proj))
+    want = _np_experts(
+        x, inds, dense(layer.gate_proj), dense(layer.up_proj), dense(layer.down_proj)
+    )
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -175,16 +207,29 @@ def _checkpoint(tmp_path, family):
     import torch
 
     tf = _transformers()
-    common = dict(vocab_size=64, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False)
+    common = dict(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     if family == "mixtral":
         config = tf.MixtralConfig(num_local_experts=6, num_experts_per_tok=2, **common)
         model = tf.MixtralForCausalLM(config)
     else:
-        config = tf.Qwen2MoeConfig(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=24,
-                                   shared_expert_intermediate_size=32, mlp_only_layers=[1],
-                                   norm_topk_prob=False, **common)
+        config = tf.Qwen2MoeConfig(
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=32,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+            **common,
+        )
         model = tf.Qwen2MoeForCausalLM(config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -214,7 +259,7 @@ def test_matches_transformers_and_captures_router(tmp_path, family):
     moe_layers = [0, 1, 2] if family == "mixtral" else [0, 2]
     assert [r[0] for r in capture.records] == moe_layers
     spec = RouterSpec(top_k=config.num_experts_per_tok, norm_topk_prob=family == "mixtral")
-    for (_, ids, weights), logits in zip(capture.records, router_logits[-len(moe_layers):]):
+    for (_, ids, weights), logits in zip(capture.records, router_logits[-len(moe_layers) :]):
         assert ids.shape == (2, 8, config.num_experts_per_tok)
         want_ids, want_w = np_route(logits.reshape(-1, logits.shape[-1]), spec)
         got_ids, got_w = _sorted(np.array(ids).reshape(16, -1), np.array(weights).reshape(16, -1))

@@ -153,7 +153,8 @@ class QuantizedLatentCache(LatentCache):
     def dequantize(self, held: tuple[tuple, tuple]) -> tuple[mx.array, mx.array]:
         """(quantized c_kv, quantized k_pe) -> the float parts they stand for."""
         return tuple(
-            mx.dequantize(*part, group_size=g, bits=self.bits) for part, g in zip(held, self.group_sizes)
+            mx.dequantize(*part, group_size=g, bits=self.bits)
+            for part, g in zip(held, self.group_sizes)
         )
 
     @property
@@ -221,13 +222,19 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_a_proj = nn.Linear(hidden_size, q_lora_rank, bias=attention_bias)
             self.q_a_layernorm = RMSNorm(q_lora_rank, norm_eps)
             self.q_b_proj = nn.Linear(q_lora_rank, num_heads * self.q_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=attention_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            hidden_size, kv_lora_rank + qk_rope_head_dim, bias=attention_bias
+        )
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, norm_eps)
-        self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False
+        )
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=attention_bias)
         cfg = rope_config_dict or {}
         # checkpoints store the rotary dims as interleaved pairs (traditional RoPE)
-        self.rope = make_rope(qk_rope_head_dim, cfg, traditional=rope_interleaved, dims=qk_rope_head_dim)
+        self.rope = make_rope(
+            qk_rope_head_dim, cfg, traditional=rope_interleaved, dims=qk_rope_head_dim
+        )
         self.scale = mla_softmax_scale(self.q_head_dim, cfg)
 
     # -- pieces ---------------------------------------------------------------------------
@@ -237,7 +244,11 @@ class MultiHeadLatentAttention(nn.Module):
         layer = self.kv_b_proj
         if isinstance(layer, nn.QuantizedLinear):
             w = mx.dequantize(
-                layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits,
+                layer.weight,
+                layer.scales,
+                layer.get("biases"),
+                layer.group_size,
+                layer.bits,
                 mode=getattr(layer, "mode", "affine"),
             )
         elif hasattr(layer, "dequantized"):  # engine.quant.Fp8Linear: fp8 codes + block scales
@@ -290,7 +301,9 @@ class MultiHeadLatentAttention(nn.Module):
         kv = self.kv_b_proj(c_kv[:, 0])  # (B, S, H·(nope + v))
         kv = kv.reshape(B, S, H, -1).transpose(0, 2, 1, 3)  # (B, H, S, nope + v)
         k_nope, v = mx.split(kv, [self.qk_nope_head_dim], axis=-1)
-        k = mx.concatenate([k_nope, mx.broadcast_to(k_pe, (B, H, S, self.qk_rope_head_dim))], axis=-1)
+        k = mx.concatenate(
+            [k_nope, mx.broadcast_to(k_pe, (B, H, S, self.qk_rope_head_dim))], axis=-1
+        )
         qf = mx.concatenate([q_nope, q_pe], axis=-1)  # (B, H, L, nope + rope)
         return scaled_dot_product_attention(qf, k, v, self.scale, mask)  # (B, H, L, v)
 
@@ -299,8 +312,13 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> mx.array:
         """Attention in latent space: scores against c_kv and k_pe, values are c_kv itself."""
         return self._latent_attention(
-            q_nope, q_pe, c_kv.shape[2], mask,
-            scores=lambda q_lat, q_rot: q_lat @ c_kv.swapaxes(-1, -2) + q_rot @ k_pe.swapaxes(-1, -2),
+            q_nope,
+            q_pe,
+            c_kv.shape[2],
+            mask,
+            scores=lambda q_lat, q_rot: (
+                q_lat @ c_kv.swapaxes(-1, -2) + q_rot @ k_pe.swapaxes(-1, -2)
+            ),
             mix=lambda p: p @ c_kv,
         )
 
@@ -313,11 +331,19 @@ class MultiHeadLatentAttention(nn.Module):
 
         def scores(q_lat, q_rot):
             s = mx.quantized_matmul(q_lat, cw, cs, cb, transpose=True, group_size=gc, bits=bits)
-            return s + mx.quantized_matmul(q_rot, kw, ks, kb, transpose=True, group_size=gk, bits=bits)
+            return s + mx.quantized_matmul(
+                q_rot, kw, ks, kb, transpose=True, group_size=gk, bits=bits
+            )
 
         return self._latent_attention(
-            q_nope, q_pe, cw.shape[2], mask, scores=scores,
-            mix=lambda p: mx.quantized_matmul(p, cw, cs, cb, transpose=False, group_size=gc, bits=bits),
+            q_nope,
+            q_pe,
+            cw.shape[2],
+            mask,
+            scores=scores,
+            mix=lambda p: mx.quantized_matmul(
+                p, cw, cs, cb, transpose=False, group_size=gc, bits=bits
+            ),
         )
 
     def _latent_attention(self, q_nope, q_pe, S: int, mask: Any, scores, mix) -> mx.array:
@@ -327,10 +353,14 @@ class MultiHeadLatentAttention(nn.Module):
         matmul against the cache (B, 1, H·L, ·) instead of broadcasting the cache per head.
         """
         B, H, L, _ = q_nope.shape
-        w_uk, w_uv = mx.split(self._kv_b_weight(), [self.qk_nope_head_dim], axis=1)  # (H, nope|v, r)
+        w_uk, w_uv = mx.split(
+            self._kv_b_weight(), [self.qk_nope_head_dim], axis=1
+        )  # (H, nope|v, r)
         q_lat = (q_nope @ w_uk) * self.scale  # (B, H, L, r)
         q_rot = q_pe * self.scale
-        s = scores(q_lat.reshape(B, 1, H * L, -1), q_rot.reshape(B, 1, H * L, -1)).reshape(B, H, L, S)
+        s = scores(q_lat.reshape(B, 1, H * L, -1), q_rot.reshape(B, 1, H * L, -1)).reshape(
+            B, H, L, S
+        )
         if isinstance(mask, str) and mask == "causal":
             mask = create_causal_mask(L, S - L) if L > 1 else None
         if mask is not None:

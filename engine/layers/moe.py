@@ -44,9 +44,13 @@ class RouterSpec:
 
     def __post_init__(self) -> None:
         if self.topk_method not in TOPK_METHODS:
-            raise ValueError(f"topk_method {self.topk_method!r}; expected one of {', '.join(TOPK_METHODS)}")
+            raise ValueError(
+                f"topk_method {self.topk_method!r}; expected one of {', '.join(TOPK_METHODS)}"
+            )
         if self.scoring_func not in SCORING_FUNCS:
-            raise ValueError(f"scoring_func {self.scoring_func!r}; expected one of {', '.join(SCORING_FUNCS)}")
+            raise ValueError(
+                f"scoring_func {self.scoring_func!r}; expected one of {', '.join(SCORING_FUNCS)}"
+            )
 
 
 def _topk_indices(x: mx.array, k: int) -> mx.array:
@@ -60,7 +64,9 @@ def _keep_best_groups(choice: mx.array, spec: RouterSpec) -> mx.array:
     grouped = choice.reshape(n, spec.n_group, e // spec.n_group)  # (N, G, E/G)
     if spec.topk_method == "noaux_tc":
         # V3: a group is as good as the sum of its two best (bias-corrected) experts
-        best2 = mx.take_along_axis(grouped, _topk_indices(grouped, min(2, e // spec.n_group)), axis=-1)
+        best2 = mx.take_along_axis(
+            grouped, _topk_indices(grouped, min(2, e // spec.n_group)), axis=-1
+        )
         group_scores = best2.sum(axis=-1)
     else:
         group_scores = grouped.max(axis=-1)  # V2: a group is as good as its best expert
@@ -164,8 +170,14 @@ class QuantizedSwitchLinear(nn.Module):
     """SwitchLinear with MLX affine-quantized weights (`weight` uint32, `scales`, `biases`)."""
 
     def __init__(
-        self, input_dims: int, output_dims: int, num_experts: int, bias: bool = False,
-        group_size: int = 64, bits: int = 4, mode: str = "affine",
+        self,
+        input_dims: int,
+        output_dims: int,
+        num_experts: int,
+        bias: bool = False,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = "affine",
     ):
         super().__init__()
         self.group_size, self.bits, self.mode = group_size, bits, mode
@@ -181,8 +193,15 @@ class QuantizedSwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         y = mx.gather_qmm(
-            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
-            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+            x,
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
             sorted_indices=sorted_indices,
         )
         if "bias" in self:
@@ -190,7 +209,9 @@ class QuantizedSwitchLinear(nn.Module):
         return y
 
     @classmethod
-    def from_switch_linear(cls, layer: SwitchLinear, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+    def from_switch_linear(
+        cls, layer: SwitchLinear, group_size: int = 64, bits: int = 4, mode: str = "affine"
+    ):
         e, out_dims, in_dims = layer.weight.shape
         ql = cls(in_dims, out_dims, e, "bias" in layer, group_size, bits, mode)
         ql.weight, ql.scales, ql.biases = mx.quantize(layer.weight, group_size, bits)
@@ -202,7 +223,9 @@ class QuantizedSwitchLinear(nn.Module):
 class SwitchGLU(nn.Module):
     """Routed SwiGLU experts: down(act(gate(x)) * up(x)) with each token's k experts."""
 
-    def __init__(self, dims: int, hidden_dims: int, num_experts: int, act: str = "silu", bias: bool = False):
+    def __init__(
+        self, dims: int, hidden_dims: int, num_experts: int, act: str = "silu", bias: bool = False
+    ):
         super().__init__()
         self.gate_proj = SwitchLinear(dims, hidden_dims, num_experts, bias)
         self.up_proj = SwitchLinear(dims, hidden_dims, num_experts, bias)
@@ -251,9 +274,16 @@ class MoE(nn.Module):
     """Shared experts (always on) + routed experts weighted by the router (DeepSeek V2/V3)."""
 
     def __init__(
-        self, dims: int, moe_hidden: int, num_experts: int, spec: RouterSpec,
-        n_shared_experts: int | None = None, act: str = "silu", layer_idx: int = 0,
-        correction_bias: bool = False, shared_cls: Any = None,
+        self,
+        dims: int,
+        moe_hidden: int,
+        num_experts: int,
+        spec: RouterSpec,
+        n_shared_experts: int | None = None,
+        act: str = "silu",
+        layer_idx: int = 0,
+        correction_bias: bool = False,
+        shared_cls: Any = None,
     ):
         super().__init__()
         self.spec = spec
@@ -269,7 +299,9 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])  # (N, D)
         inds, weights = route(self.gate(flat), self.spec, self.gate.get("e_score_correction_bias"))
         if self._capture is not None:
-            self._capture.add(self.layer_idx, inds.reshape(*shape[:-1], -1), weights.reshape(*shape[:-1], -1))
+            self._capture.add(
+                self.layer_idx, inds.reshape(*shape[:-1], -1), weights.reshape(*shape[:-1], -1)
+            )
         y = combine(self.switch_mlp(flat, inds), weights).reshape(shape)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
@@ -284,8 +316,12 @@ def set_capture(model: nn.Module, capture: RouterCapture | None) -> None:
 
 
 def stack_experts(
-    weights: dict[str, mx.array], prefix: str, n_experts: int, names: dict[str, str],
-    out_prefix: str, suffixes: tuple[str, ...] = ("weight", "scales", "biases", "bias"),
+    weights: dict[str, mx.array],
+    prefix: str,
+    n_experts: int,
+    names: dict[str, str],
+    out_prefix: str,
+    suffixes: tuple[str, ...] = ("weight", "scales", "biases", "bias"),
 ) -> None:
     """Replace `{prefix}.experts.{i}.{src}.{suffix}` by `{out_prefix}.{dst}.{suffix}` stacked (E, ...).
 

@@ -81,10 +81,20 @@ class ModelArgs(BaseModelArgs):
 
     def __post_init__(self) -> None:
         if self.topk_method not in TOPK_METHODS:
-            raise ValueError(f"topk_method={self.topk_method!r}: expected one of {', '.join(TOPK_METHODS)}")
+            raise ValueError(
+                f"topk_method={self.topk_method!r}: expected one of {', '.join(TOPK_METHODS)}"
+            )
         if self.scoring_func not in SCORING_FUNCS:
-            raise ValueError(f"scoring_func={self.scoring_func!r}: expected one of {', '.join(SCORING_FUNCS)}")
-        for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "num_attention_heads"):
+            raise ValueError(
+                f"scoring_func={self.scoring_func!r}: expected one of {', '.join(SCORING_FUNCS)}"
+            )
+        for key in (
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "qk_nope_head_dim",
+            "v_head_dim",
+            "num_attention_heads",
+        ):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected a positive integer")
         if self.qk_rope_head_dim % 2:
@@ -129,26 +139,44 @@ class ModelArgs(BaseModelArgs):
         )
 
     def is_moe_layer(self, i: int) -> bool:
-        return bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+        return (
+            bool(self.n_routed_experts)
+            and i >= self.first_k_dense_replace
+            and i % self.moe_layer_freq == 0
+        )
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.self_attn = MultiHeadLatentAttention(
-            args.hidden_size, args.num_attention_heads, args.kv_lora_rank, args.qk_nope_head_dim,
-            args.qk_rope_head_dim, args.v_head_dim, q_lora_rank=args.q_lora_rank,
-            attention_bias=args.attention_bias, rope_config_dict=args.rope_dict(),
+            args.hidden_size,
+            args.num_attention_heads,
+            args.kv_lora_rank,
+            args.qk_nope_head_dim,
+            args.qk_rope_head_dim,
+            args.v_head_dim,
+            q_lora_rank=args.q_lora_rank,
+            attention_bias=args.attention_bias,
+            rope_config_dict=args.rope_dict(),
             rope_interleaved=args.rope_interleave,
         )
         if args.is_moe_layer(layer_idx):
             self.mlp = MoE(
-                args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, args.router_spec(),
-                n_shared_experts=args.n_shared_experts, act=args.hidden_act, layer_idx=layer_idx,
-                correction_bias=args.topk_method == "noaux_tc", shared_cls=SwiGLU,
+                args.hidden_size,
+                args.moe_intermediate_size,
+                args.n_routed_experts,
+                args.router_spec(),
+                n_shared_experts=args.n_shared_experts,
+                act=args.hidden_act,
+                layer_idx=layer_idx,
+                correction_bias=args.topk_method == "noaux_tc",
+                shared_cls=SwiGLU,
             )
         else:
-            self.mlp = SwiGLU(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act)
+            self.mlp = SwiGLU(
+                args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act
+            )
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -239,15 +267,26 @@ class Model(nn.Module):
         """Rows of each MLA projection against the config's head dims (rows survive quantization)."""
         a = self.args
         h, nope, rope, v, r = (
-            a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank,
+            a.num_attention_heads,
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim,
+            a.kv_lora_rank,
         )
         expect = {
             "kv_a_proj_with_mqa": (r + rope, f"kv_lora_rank={r} + qk_rope_head_dim={rope}"),
             "kv_b_proj": (
-                h * (nope + v), f"num_attention_heads={h} x (qk_nope_head_dim={nope} + v_head_dim={v})"
+                h * (nope + v),
+                f"num_attention_heads={h} x (qk_nope_head_dim={nope} + v_head_dim={v})",
             ),
-            "q_proj": (h * (nope + rope), f"num_attention_heads={h} x (qk_nope_head_dim={nope} + qk_rope_head_dim={rope})"),
-            "q_b_proj": (h * (nope + rope), f"num_attention_heads={h} x (qk_nope_head_dim={nope} + qk_rope_head_dim={rope})"),
+            "q_proj": (
+                h * (nope + rope),
+                f"num_attention_heads={h} x (qk_nope_head_dim={nope} + qk_rope_head_dim={rope})",
+            ),
+            "q_b_proj": (
+                h * (nope + rope),
+                f"num_attention_heads={h} x (qk_nope_head_dim={nope} + qk_rope_head_dim={rope})",
+            ),
         }
         for name, (rows, why) in expect.items():
             w = weights.get(f"{prefix}.{name}.weight")
@@ -284,14 +323,22 @@ def _stack_layer_experts(weights: dict[str, mx.array], prefix: str, n_experts: i
         gate, up = mx.split(fused, 2, axis=1)
         weights[f"{prefix}.switch_mlp.gate_proj.weight"] = gate
         weights[f"{prefix}.switch_mlp.up_proj.weight"] = up
-        weights[f"{prefix}.switch_mlp.down_proj.weight"] = weights.pop(f"{prefix}.experts.down_proj")
+        weights[f"{prefix}.switch_mlp.down_proj.weight"] = weights.pop(
+            f"{prefix}.experts.down_proj"
+        )
         return
     if f"{prefix}.switch_mlp.gate_proj.weight" in weights:
         return  # already stacked (mlx-community conversions)
     names = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
     try:
-        stack_experts(weights, prefix, n_experts, names, f"{prefix}.switch_mlp",
-                      ("weight", "scales", "biases", "weight_scale_inv"))
+        stack_experts(
+            weights,
+            prefix,
+            n_experts,
+            names,
+            f"{prefix}.switch_mlp",
+            ("weight", "scales", "biases", "weight_scale_inv"),
+        )
     except KeyError as e:
         raise ModelLoadError(
             f"{e.args[0]}: missing; config n_routed_experts={n_experts} expects experts 0..{n_experts - 1}"

@@ -53,14 +53,18 @@ class SparseMoeBlock(nn.Module):
         self.layer_idx = layer_idx
         self._capture: RouterCapture | None = None
         self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
-        self.switch_mlp = SwitchGLU(args.hidden_size, args.intermediate_size, args.num_local_experts, args.hidden_act)
+        self.switch_mlp = SwitchGLU(
+            args.hidden_size, args.intermediate_size, args.num_local_experts, args.hidden_act
+        )
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, D)
         inds, weights = route(self.gate(flat), self.spec)
         if self._capture is not None:
-            self._capture.add(self.layer_idx, inds.reshape(*shape[:-1], -1), weights.reshape(*shape[:-1], -1))
+            self._capture.add(
+                self.layer_idx, inds.reshape(*shape[:-1], -1), weights.reshape(*shape[:-1], -1)
+            )
         return combine(self.switch_mlp(flat, inds), weights).reshape(shape)
 
 
@@ -113,8 +117,13 @@ class Model(llama.Model):
             if f"{prefix}.switch_mlp.gate_proj.weight" in weights:
                 continue
             try:
-                stack_experts(weights, prefix, n, {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"},
-                              f"{prefix}.switch_mlp")
+                stack_experts(
+                    weights,
+                    prefix,
+                    n,
+                    {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"},
+                    f"{prefix}.switch_mlp",
+                )
             except KeyError as e:
                 raise ModelLoadError(
                     f"{e.args[0]}: missing; config num_local_experts={n} expects experts 0..{n - 1}"

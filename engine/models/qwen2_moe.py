@@ -44,7 +44,11 @@ class ModelArgs(qwen2.ModelArgs):
             )
 
     def is_moe_layer(self, i: int) -> bool:
-        return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
+        return (
+            i not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (i + 1) % self.decoder_sparse_step == 0
+        )
 
 
 class SparseMoeBlock(nn.Module):
@@ -55,7 +59,9 @@ class SparseMoeBlock(nn.Module):
         self._capture: RouterCapture | None = None
         d = args.hidden_size
         self.gate = nn.Linear(d, args.num_experts, bias=False)
-        self.switch_mlp = SwitchGLU(d, args.moe_intermediate_size, args.num_experts, args.hidden_act)
+        self.switch_mlp = SwitchGLU(
+            d, args.moe_intermediate_size, args.num_experts, args.hidden_act
+        )
         self.shared_expert = SwiGLU(d, args.shared_expert_intermediate_size, act=args.hidden_act)
         self.shared_expert_gate = nn.Linear(d, 1, bias=False)
 
@@ -64,7 +70,9 @@ class SparseMoeBlock(nn.Module):
         flat = x.reshape(-1, shape[-1])  # (N, D)
         inds, weights = route(self.gate(flat), self.spec)
         if self._capture is not None:
-            self._capture.add(self.layer_idx, inds.reshape(*shape[:-1], -1), weights.reshape(*shape[:-1], -1))
+            self._capture.add(
+                self.layer_idx, inds.reshape(*shape[:-1], -1), weights.reshape(*shape[:-1], -1)
+            )
         y = combine(self.switch_mlp(flat, inds), weights).reshape(shape)
         return y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
