@@ -1,6 +1,6 @@
-"""Qt plumbing the app relies on: signals can be emitted without limit (PySide6 6.12 on
-Python 3.11 frees `True` after a few hundred emits unless `app.gui.qtfix` guards it; checked in
-a fresh interpreter, where the abort would show), and the dark/light palettes are applied and
+"""Qt plumbing the app relies on: signals can be emitted and plots updated without limit
+(PySide6 6.12 on Python 3.11 frees `True`/`None` after a few hundred emits or plot updates
+unless `app.gui.qtfix` guards them; checked in a fresh interpreter, where the abort would show), and the dark/light palettes are applied and
 re-render the transcript in matching colours."""
 
 from __future__ import annotations
@@ -15,14 +15,19 @@ pytestmark = pytest.mark.gui
 
 EMIT_MANY = """
 import app.gui
-from PySide6.QtCore import QCoreApplication, QObject, Signal
-app = QCoreApplication([])
+from PySide6.QtCore import QObject, Signal
+from PySide6.QtWidgets import QApplication
+from app.gui.views.finetune import LossPlot
+app = QApplication([])
 class A(QObject):
     s = Signal(object)
 a = A()
 a.s.connect(lambda v: None)
 for i in range(20000):
     a.s.emit({"done": True})
+plot = LossPlot()
+for i in range(3000):  # pyqtgraph updates drop references to None
+    plot.add(i, 1.0 / (i + 1), None, False)
 print("ok")
 """
 

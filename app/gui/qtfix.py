@@ -1,11 +1,12 @@
-"""A guard against a reference-count bug in PySide6 6.12 on Python < 3.12.
+"""A guard against reference-count bugs in PySide6 6.12 on Python < 3.12.
 
-`SignalInstance.emit()` there returns `True` without taking a reference, so every emit from
-Python (ours, pyqtgraph's, pytest-qt's) drops one reference to `True`; after a few hundred
-streamed tokens the interpreter aborts with "bool_dealloc: deallocating True or False".
-Python 3.12 made True/False immortal, which hides the bug. We detect the leak once and, if it
-is there, give True and False the same immortality by hand: a huge reference count they
-can never lose (the singletons are never freed anyway). Nothing else is touched.
+There, `SignalInstance.emit()` returns `True` without taking a reference, and some wrapped
+calls (pyqtgraph's plot updates hit them) return `None` the same way; every such call drops one
+reference to a singleton, and after a few hundred streamed tokens or plotted points the
+interpreter aborts with "bool_dealloc" / "none_dealloc". Python 3.12 made these singletons
+immortal, which hides the bugs. On older Pythons we give None, True and False that immortality
+by hand: a reference count they can never lose (they are never freed anyway). Nothing else is
+touched.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ _applied = False
 
 
 def emit_leaks_true() -> bool:
+    """Whether this PySide6 has the emit() bug (for tests and the record)."""
     from PySide6.QtCore import QObject, Signal
 
     class _Probe(QObject):
@@ -31,12 +33,11 @@ def emit_leaks_true() -> bool:
 
 
 def apply() -> bool:
-    """Make True/False effectively immortal if emit() leaks; returns whether it did."""
+    """Make None/True/False effectively immortal on Python < 3.12; returns whether it did."""
     global _applied
     if _applied or sys.version_info >= (3, 12):
         return _applied
-    if emit_leaks_true():
-        for obj in (True, False):
-            ctypes.c_ssize_t.from_address(id(obj)).value += _IMMORTAL
-        _applied = True
+    for obj in (None, True, False):
+        ctypes.c_ssize_t.from_address(id(obj)).value += _IMMORTAL
+    _applied = True
     return _applied

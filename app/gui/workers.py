@@ -325,7 +325,8 @@ class TaskWorker(QObject):
     """Runs `fn(task)` on its own thread. `task.progress(x)` reports; `task.cancelled` asks.
 
     With `iterate=True` the result is iterated and each item emitted, the cancel flag checked
-    between items.
+    between items. With `drain=True` a cancelled generator is still read to its end: for one
+    that watches the same flag itself and finishes cleanly (the trainer saves a checkpoint).
     """
 
     progress = Signal(object)
@@ -333,10 +334,13 @@ class TaskWorker(QObject):
     done = Signal(object)
     failed = Signal(str)
 
-    def __init__(self, fn: Callable[[TaskWorker], Any], iterate: bool = False) -> None:
+    def __init__(
+        self, fn: Callable[[TaskWorker], Any], iterate: bool = False, drain: bool = False
+    ) -> None:
         super().__init__()
         self._fn = fn
         self._iterate = iterate
+        self._drain = drain
         self.cancel_event = threading.Event()
 
     @property
@@ -355,7 +359,7 @@ class TaskWorker(QObject):
                 for x in result:
                     self.item.emit(x)
                     last = x
-                    if self.cancel_event.is_set():
+                    if self.cancel_event.is_set() and not self._drain:
                         break
                 result = last
             self.done.emit(result)
@@ -409,10 +413,11 @@ def run_task(
     on_progress: Callable[[Any], None] | None = None,
     on_item: Callable[[Any], None] | None = None,
     iterate: bool = False,
+    drain: bool = False,
 ) -> TaskWorker:
     """Start `fn` on a new thread; the callbacks run on the calling (GUI) thread."""
     thread = QThread()
-    worker = TaskWorker(fn, iterate=iterate)
+    worker = TaskWorker(fn, iterate=iterate, drain=drain)
     worker.moveToThread(thread)
     relay = _Relay({"done": on_done, "failed": on_failed, "progress": on_progress, "item": on_item})
     entry = (thread, worker, relay)

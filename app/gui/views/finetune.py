@@ -34,21 +34,14 @@ from PySide6.QtWidgets import (
 
 from app.gui.workers import plain, run_task
 
-HYPER = {  # name: (label, default, lo, hi, decimals or None for ints)
-    "epochs": ("Epochs", 2, 1, 100, None),
-    "learning_rate": ("Learning rate", 2e-4, 1e-6, 1e-2, 6),
+HYPER = {  # TrainConfig field: (label, default, lo, hi, decimals or None for ints)
+    "epochs": ("Epochs", 2.0, 0.1, 100.0, 1),
+    "lr": ("Learning rate", 2e-4, 1e-6, 1e-1, 6),
     "rank": ("LoRA rank", 8, 1, 256, None),
     "batch_size": ("Batch size", 4, 1, 256, None),
-    "max_seq_len": ("Max sequence length", 256, 16, 32768, None),
+    "max_seq_len": ("Max sequence length", 512, 16, 32768, None),
     "val_fraction": ("Validation fraction", 0.1, 0.0, 0.5, 2),
-}
-ALIASES = {  # our names -> names a TrainConfig may use
-    "model": ("model", "model_path", "base_model"),
-    "data": ("data", "data_dir", "folder", "data_folder"),
-    "out": ("out_dir", "output_dir", "adapter_path", "run_dir", "adapter_dir"),
-    "learning_rate": ("learning_rate", "lr"),
-    "rank": ("rank", "lora_rank", "r"),
-    "epochs": ("epochs", "num_epochs"),
+    "eval_every": ("Validate every (steps)", 25, 1, 100000, None),
 }
 
 
@@ -62,16 +55,10 @@ def _trainer() -> Any | None:
 
 
 def build_config(trainer: Any, values: dict) -> Any:
-    """A `TrainConfig` from the form, matching whatever field names it declares."""
+    """A `TrainConfig` from the form (keys it does not declare are dropped)."""
     cls = trainer.TrainConfig
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, v in values.items():
-        for name in ALIASES.get(key, (key,)):
-            if name in fields:
-                kwargs[name] = v
-                break
-    return cls(**kwargs)
+    return cls(**{k: v for k, v in values.items() if k in fields})
 
 
 class LossPlot(QWidget):
@@ -138,6 +125,9 @@ class FinetuneView(QWidget):
         self.trainer = _trainer()
         self.task = None
         self.run_dir: Path | None = None
+        self.run_name = ""
+        self.events: list[dict] = []
+        self.finished_kind: str | None = None
         self.best_checkpoint: str | None = None
         self.folder = QLineEdit(placeholderText="A folder of .txt, .md, .pdf, .html, .docx, .jsonl")
         browse = QPushButton("Browse…")
@@ -264,13 +254,15 @@ class FinetuneView(QWidget):
         if not v["model"] or not v["data"]:
             self.window.banner.show_message("Load a model and pick a folder first.", "info")
             return
-        from engine.paths import adapters_dir
+        from engine.paths import adapters_dir, runs_dir
 
         if not resume or self.run_dir is None:
-            name = f"{Path(v['model']).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-            self.run_dir = adapters_dir() / name
-        v["out"] = str(self.run_dir)
-        v["resume"] = resume
+            self.run_name = f"{Path(v['model']).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+            self.run_dir = runs_dir() / self.run_name
+        v["out"] = str(adapters_dir() / self.run_name)
+        v["run_dir"] = str(self.run_dir)
+        v["save_every"] = v["eval_every"]
+        v["resume"] = str(self.run_dir) if resume else None
         try:
             config = build_config(self.trainer, v)
         except Exception as e:  # noqa: BLE001
@@ -281,12 +273,14 @@ class FinetuneView(QWidget):
         if not resume and hasattr(self.plot, "clear"):
             self.plot.clear()
         self.best_checkpoint = None
-        self.progress.setText("Starting…")
+        self.events = []
+        self.progress.setText("Loading the model and reading the documents…")
         trainer = self.trainer
 
         self.task = run_task(
             lambda task: trainer.train(config, cancel=task.cancel_event),
             iterate=True,
+            drain=True,  # the trainer sees the flag itself and saves a checkpoint
             on_item=self._on_event,
             on_done=self._on_done,
             on_failed=self._failed,
@@ -295,12 +289,28 @@ class FinetuneView(QWidget):
 
     def _on_event(self, ev: Any) -> None:
         e = plain(ev)
+        kind = e.get("kind", "step")
         step = int(e.get("step") or 0)
-        if hasattr(self.plot, "add"):
-            self.plot.add(step, e.get("loss"), e.get("val_loss"), bool(e.get("best")))
-        if e.get("best") and e.get("checkpoint"):
-            self.best_checkpoint = str(e["checkpoint"])
-        bits = [f"step {step}", f"epoch {e.get('epoch', 0)}"]
+        self.events.append(e)
+        if kind == "data":
+            self.report.setPlainText(e.get("message", ""))
+            return
+        if kind == "eval" and e.get("is_best") and self.run_dir is not None:
+            self.best_checkpoint = str(self.run_dir / "best")
+        if kind == "done" and e.get("checkpoint"):
+            self.best_checkpoint = str(e["checkpoint"])  # the best adapter, copied to `out`
+        if hasattr(self.plot, "add") and kind in ("step", "eval"):
+            loss = e.get("loss") if kind == "step" else None
+            val = e.get("val_loss") if kind == "eval" else None
+            self.plot.add(step, loss, val, bool(e.get("is_best")))
+        if kind not in ("step", "eval", "done"):
+            if e.get("message"):
+                self.progress.setText(e["message"])
+            return
+        total = e.get("total_steps") or 0
+        bits = [f"step {step}/{total}" if total else f"step {step}"]
+        if e.get("epoch"):
+            bits.append(f"epoch {float(e['epoch']):.2f}")
         if e.get("loss") is not None:
             bits.append(f"loss {e['loss']:.3f}")
         if e.get("val_loss") is not None:
@@ -309,16 +319,22 @@ class FinetuneView(QWidget):
             bits.append(f"{e['tokens_per_s']:.0f} tok/s")
         if e.get("eta_s"):
             bits.append(f"ETA {int(e['eta_s']) // 60}:{int(e['eta_s']) % 60:02d}")
+        if e.get("peak_memory"):
+            bits.append(f"peak {e['peak_memory'] / 1e6:,.0f} MB")
         if self.best_checkpoint:
-            bits.append(f"best: {Path(self.best_checkpoint).name}")
+            bits.append("best checkpoint ★")
         self.progress.setText("  ·  ".join(bits))
 
-    def _on_done(self, _last: Any) -> None:
-        cancelled = self.task is not None and self.task.cancelled
+    def _on_done(self, last: Any) -> None:
+        kind = plain(last).get("kind") if last is not None else None
         self.task = None
-        self.progress.setText(
-            self.progress.text() + ("  ·  cancelled (Resume goes on)" if cancelled else "  ·  done")
-        )
+        self.finished_kind = kind
+        note = {
+            "cancelled": "cancelled: Resume goes on from the last checkpoint",
+            "done": "done",
+            "stopped": "stopped early (no improvement)",
+        }.get(kind, "ended")
+        self.progress.setText(self.progress.text() + f"  ·  {note}")
         self._update_buttons()
         self.refresh_adapters()
 
@@ -332,8 +348,8 @@ class FinetuneView(QWidget):
             self.task.cancel()
 
     def chat_with_adapter(self) -> None:
-        path = self.best_checkpoint or (str(self.run_dir) if self.run_dir else None)
-        if path:
+        path = self.best_checkpoint
+        if path and self.window.client.info is not None:
             self.window.client.set_adapter(path)
             self.window.show_view("chat")
 
@@ -343,7 +359,7 @@ class FinetuneView(QWidget):
         self.start_btn.setEnabled(ok and not running)
         self.resume_btn.setEnabled(ok and not running and self.run_dir is not None)
         self.cancel_btn.setEnabled(running)
-        self.chat_btn.setEnabled(not running and (self.best_checkpoint or self.run_dir) is not None)
+        self.chat_btn.setEnabled(not running and self.best_checkpoint is not None)
 
     # ---- adapters ------------------------------------------------------------------------
     def refresh_adapters(self) -> None:
