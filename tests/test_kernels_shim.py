@@ -164,3 +164,21 @@ def test_cuda_fp8_matvec_bit_exact():
     x = mx.array(np.random.default_rng(9).standard_normal(576).astype(np.float32))
     got = fp8_matvec_kernel(w, s, x, (128, 128), mx.float32, backend="cuda")
     assert bits_equal(np.array(got), np.array(fp8_matvec_ordered_ref(w, s, x)))
+
+
+def test_dispatchers_fall_back_to_the_reference_here():
+    from kernels._common import backend
+    from kernels.affine_dequant import dequant_affine
+    from kernels.fp8_dequant import dequant_fp8
+    from kernels.fp8_matvec import matvec_fp8
+
+    if backend() != "cpu":
+        pytest.skip("a GPU backend is present")
+    w, s = _fp8_case(130, 200, seed=1, nan=False)
+    assert mx.array_equal(dequant_fp8(w, s), fp8_dequant_ref(w, s))
+    x = mx.ones((200,))
+    assert mx.array_equal(matvec_fp8(w, s, x), fp8_matvec_ref(w, s, x))
+    wq, sc, bi = quantize_affine(mx.ones((4, 64)), 64, 4)
+    assert mx.array_equal(dequant_affine(wq, sc, bi, 64, 4), affine_dequant_ref(wq, sc, bi, 64, 4))
+    with pytest.raises(RuntimeError, match="neither Metal nor CUDA"):
+        dequant_fp8(w, s, use_kernel=True)
