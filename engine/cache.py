@@ -105,7 +105,121 @@ class KVCache:
             self.offset = int(value[0])
 
 
-def make_kv_caches(n_layers: int) -> list[KVCache]:
+class QuantizedKVCache:
+    """KVCache whose keys and values are stored MLX-affine quantized (4 or 8 bits, groups along
+    the head dimension), in buffers grown in steps of 256 like `KVCache`.
+
+    `update_and_fetch` returns the held keys/values dequantized to the input dtype, so attention
+    code is the same as with `KVCache`; the saving is in memory held between steps.
+    """
+
+    step = 256
+
+    def __init__(self, bits: int = 8, group_size: int | None = None) -> None:
+        if bits not in (4, 8):
+            raise ValueError(f"kv_bits must be 4 or 8, got {bits}")
+        self.bits = bits
+        self.group_size = group_size
+        self.keys: tuple[mx.array, ...] | None = None  # (packed, scales, biases), each (B, H, S, ·)
+        self.values: tuple[mx.array, ...] | None = None
+        self.offset = 0
+        self._dtype = mx.float32
+
+    def _group(self, dim: int) -> int:
+        if self.group_size is not None:
+            return self.group_size
+        for g in (64, 32):
+            if dim % g == 0:
+                return g
+        raise ValueError(f"head dim {dim} is not a multiple of 32; cannot quantize the KV cache")
+
+    def _grow(self, parts_k: list[mx.array], parts_v: list[mx.array], needed: int) -> None:
+        size = (needed + self.step - 1) // self.step * self.step
+
+        def grown(old, new):
+            out = []
+            for i, p in enumerate(new):
+                buf = mx.zeros((*p.shape[:2], size, p.shape[3]), p.dtype)
+                if old is not None and self.offset > 0:
+                    buf[..., : self.offset, :] = old[i][..., : self.offset, :]
+                out.append(buf)
+            return tuple(out)
+
+        self.keys, self.values = grown(self.keys, parts_k), grown(self.values, parts_v)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self._dtype = keys.dtype
+        gk, gv = self._group(keys.shape[-1]), self._group(values.shape[-1])
+        qk = list(mx.quantize(keys, gk, self.bits))
+        qv = list(mx.quantize(values, gv, self.bits))
+        n = keys.shape[2]
+        end = self.offset + n
+        if (
+            self.keys is None
+            or end > self.keys[0].shape[2]
+            or self.keys[0].shape[0] != keys.shape[0]
+        ):
+            self._grow(qk, qv, end)
+        for buf, new in zip(self.keys + self.values, qk + qv):
+            buf[..., self.offset : end, :] = new
+        self.offset = end
+        k = mx.dequantize(*(b[..., :end, :] for b in self.keys), group_size=gk, bits=self.bits)
+        v = mx.dequantize(*(b[..., :end, :] for b in self.values), group_size=gv, bits=self.bits)
+        return k.astype(self._dtype), v.astype(self._dtype)
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(b.nbytes for b in self.keys + self.values)
+
+    @property
+    def bytes_per_token(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(b.nbytes // b.shape[2] for b in self.keys + self.values)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = max(0, min(self.offset, n))
+        self.offset -= n
+        return n
+
+    def empty(self) -> bool:
+        return self.keys is None or self.offset == 0
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return ()
+        return tuple(b[..., : self.offset, :] for b in self.keys + self.values)
+
+    @state.setter
+    def state(self, value) -> None:
+        if not value:
+            self.keys = self.values = None
+            self.offset = 0
+            return
+        self.keys, self.values = tuple(value[:3]), tuple(value[3:])
+        self.offset = self.keys[0].shape[2]
+
+    @property
+    def meta_state(self) -> tuple[str, ...]:
+        return (str(self.offset), str(self.bits), str(self.group_size or 0))
+
+    @meta_state.setter
+    def meta_state(self, value) -> None:
+        if value:
+            self.offset, self.bits = int(value[0]), int(value[1])
+            self.group_size = int(value[2]) or None
+
+
+def make_kv_caches(n_layers: int, kv_bits: int | None = None) -> list:
+    """One cache per layer: `KVCache`, or `QuantizedKVCache` when `kv_bits` is 4 or 8."""
+    if kv_bits:
+        return [QuantizedKVCache(kv_bits) for _ in range(n_layers)]
     return [KVCache() for _ in range(n_layers)]
 
 

@@ -277,3 +277,30 @@ def test_alibi_attention_matches_numpy():
         mx.array(q), mx.array(k), mx.array(v), D**-0.5, alibi_mask(H, n, off)
     )
     assert np.abs(np.array(out) - ref).max() <= 1e-5
+
+
+# --- quantized KV cache (engine.load(kv_bits=...)) ---------------------------------------------
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 2e-2), (4, 2e-1)])
+def test_quantized_kv_cache_decode(tmp_path, bits, tol):
+    """8/4-bit KV cache: decoding stays close to the exact forward and holds far fewer bytes."""
+    from engine.cache import KVCache, QuantizedKVCache
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{**BASE, "hidden_size": 128, "num_attention_heads": 4})
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    loaded = engine.load(tmp_path / "m", dtype="float32", kv_bits=bits)
+    ids = _ids()
+    full = _ours(loaded, ids)
+    cache = loaded.model.make_cache()
+    assert isinstance(cache[0], QuantizedKVCache)
+    head = _ours(loaded, ids[:, :8], cache)
+    steps = [head] + [_ours(loaded, ids[:, i : i + 1], cache) for i in range(8, SEQ)]
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() <= tol
+    plain = loaded.model.make_cache(kv_bits=0)
+    assert isinstance(plain[0], KVCache)
+    _ours(loaded, ids, plain)
+    ratio = cache[0].nbytes / plain[0].nbytes
+    assert ratio < (0.35 if bits == 8 else 0.2), ratio  # fp32 scales+biases per 32 values
+    assert cache[0].trim(4) == 4 and cache[0].offset == SEQ - 4

@@ -122,10 +122,16 @@ class Model(nn.Module):
     def layers(self) -> list:
         return self.transformer.h
 
-    def make_cache(self) -> list:
-        from engine.cache import KVCache
+    supports_kv_bits = True  # engine.load(..., kv_bits=8|4) sets `kv_bits`
+    kv_bits: int | None = None
 
-        return [KVCache() for _ in self.layers]
+    def make_cache(self, kv_bits: int | None = None) -> list:
+        """One KV cache per layer; quantized to `kv_bits` (4/8; 0 forces full precision; None
+        takes the `kv_bits` given to `engine.load`)."""
+        from engine.cache import make_kv_caches
+
+        bits = self.kv_bits if kv_bits is None else (kv_bits or None)
+        return make_kv_caches(len(self.layers), bits)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         out = {}
