@@ -1,8 +1,9 @@
 """safetensors details MLX does not cover for fp8: reading header dtypes, writing F8_E4M3.
 
 `mx.load` (0.32) returns an `F8_E4M3` tensor as uint8 holding the raw codes, which is what
-`Fp8Linear` keeps, but it returns `F8_E5M2` the same way, so a loader must look at the header
-to tell them apart: `fp8_header_check(path)` does that (the header is JSON; no pickle anywhere).
+`Fp8Linear` keeps, and refuses `F8_E5M2` ("unsupported dtype"). `fp8_header_check(path)` reads
+the JSON header (no pickle anywhere) to list the e4m3 tensors and to name an e5m2 one in a
+one-line `QuantError` before MLX's own message.
 `save_safetensors` writes uint8 codes under the `F8_E4M3` dtype so transformers and other tools
 read the folder as the fp8 checkpoint it is.
 """
@@ -48,7 +49,7 @@ def safetensors_dtypes(path: str | Path) -> dict[str, str]:
 def fp8_header_check(path: str | Path) -> list[str]:
     """Names of the F8_E4M3 tensors in a safetensors file; QuantError for other fp8 kinds.
 
-    Call it on every shard before trusting uint8 tensors from `mx.load` to be e4m3 codes.
+    A loader may call it per shard to tell fp8 codes from genuine uint8 tensors.
     """
     names = []
     for name, dtype in safetensors_dtypes(path).items():
