@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 
+from engine.blas import use_blas_prefill
 from engine.errors import ContextLengthError, LatentError
 from engine.sampling import (
     LogitsProcessor,
@@ -101,6 +102,9 @@ def generate_step(
         raise ValueError(
             f"num_cached={num_cached} leaves no prompt token to feed (prompt has {n_total})"
         )
+    if not getattr(model, "_latent_blas_prefill", False):
+        use_blas_prefill(model)  # CPU + OpenBLAS: prompt chunks through sgemm (engine/blas.py)
+        model._latent_blas_prefill = True
     sampler = sampler or _greedy
     procs = logits_processors or []
     history = ids

@@ -54,3 +54,29 @@ def test_openblas_preload_keeps_logits():
     assert not ref["openblas"]
     assert fast["openblas"]
     np.testing.assert_allclose(np.array(fast["logits"]), np.array(ref["logits"]), atol=1e-5)
+
+
+def test_blas_prefill_path_matches_quantized_matmul():
+    """Dequantize + GEMM for prompt chunks gives the quantized layer's outputs (1e-4)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from engine.blas import PREFILL_MIN_ROWS, use_blas_prefill
+    from engine.models import get_model_classes
+
+    Model, Args = get_model_classes("llama")
+    args = Args.from_dict(
+        dict(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+             max_position_embeddings=128, rope_theta=10000.0)
+    )  # fmt: skip
+    mx.random.seed(5)
+    model = Model(args)
+    nn.quantize(model, group_size=32, bits=4)
+    ids = mx.array([[(i * 11) % 300 for i in range(3 * PREFILL_MIN_ROWS)]])
+    ref = model(ids)
+    one_ref = model(ids[:, :1])
+    assert use_blas_prefill(model, force=True) > 0
+    assert use_blas_prefill(model, force=True) == 0  # idempotent
+    np.testing.assert_allclose(np.array(model(ids)), np.array(ref), atol=1e-4)
+    np.testing.assert_allclose(np.array(model(ids[:, :1])), np.array(one_ref), atol=1e-6)
