@@ -136,10 +136,12 @@ class GGUFHeader:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO, path: Path):
-        self.f, self.path = f, path
+    def __init__(self, f: BinaryIO, path: Path, size: int):
+        self.f, self.path, self.size = f, path, size
 
     def read(self, n: int) -> bytes:
+        if n > self.size - self.f.tell():  # never allocate what a lying count asks for
+            raise ModelLoadError(f"{self.path}: truncated or corrupt GGUF header")
         b = self.f.read(n)
         if len(b) != n:
             raise ModelLoadError(f"{self.path}: truncated GGUF header")
@@ -178,7 +180,7 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot open ({e.strerror})") from None
     with f:
-        r = _Reader(f, path)
+        r = _Reader(f, path, size)
         if f.read(4) != GGUF_MAGIC:
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic)")
         version = r.scalar("<I")

@@ -125,6 +125,10 @@ _ST_SIZES = {
 }
 
 
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def check_safetensors(path: Path) -> list[str]:
     """Validate a safetensors header against the file; returns its tensor names."""
     try:
@@ -154,6 +158,8 @@ def check_safetensors(path: Path) -> list[str]:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ModelLoadError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        if not (isinstance(shape, list) and all(map(_is_count, [*shape, begin, end]))):
+            raise ModelLoadError(f"{path}: corrupt safetensors header entry for {name!r}")
         if dtype not in _ST_SIZES:
             raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         want = math.prod(shape) * _ST_SIZES[dtype]

@@ -221,3 +221,21 @@ def test_not_a_gguf(tmp_path):
 def test_pickle_weights_refused(tiny):
     (tiny / "model.safetensors").rename(tiny / "pytorch_model.bin")
     _fails(tiny, "pickle", str(tiny))
+
+
+def test_gguf_header_with_huge_counts(tmp_path):
+    """A header whose string/array lengths exceed the file is refused without allocating them."""
+    path = tmp_path / "liar.gguf"
+    # magic, version 3, 0 tensors, 1 key; key "k" of type array(uint8) with 2^40 elements
+    body = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k"
+    body += struct.pack("<IIQ", 9, 0, 2**40)
+    path.write_bytes(body + b"\0" * 16)
+    _fails(path, "liar.gguf", "GGUF header")
+
+
+def test_header_with_nonsense_shape(tiny):
+    def nonsense(header):
+        header["model.norm.weight"]["shape"] = ["32"]
+
+    _rewrite_header(tiny / "model.safetensors", nonsense)
+    _fails(tiny, "model.norm.weight", "corrupt safetensors header")
