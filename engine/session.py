@@ -119,7 +119,10 @@ class Engine:
     def __init__(self, *, prefill_chunk: int = 512, prefix_cache_bytes: int | None = None) -> None:
         self.prefill_chunk = prefill_chunk
         self._lock = threading.Lock()  # any thread may finish a stream
+        # One flag per request: cancel() sets the newest request's flag, load()/unload() also
+        # the running one's; a new request never clears a cancel meant for an older one.
         self._cancel = threading.Event()
+        self._running_cancel: threading.Event | None = None
         self._loaded: Any = None
         self._source: str | None = None
         self._load_kwargs: dict[str, Any] = {}
@@ -135,9 +138,8 @@ class Engine:
         """Load a model (replacing any loaded one); returns its `ModelInfo`."""
         from engine.loading import load
 
-        self._cancel.set()  # a running stream ends within one token and releases the lock
+        self._stop_all()  # a running stream ends within one token and releases the lock
         with self._lock:
-            self._cancel.clear()
             self._loaded = None
             self.prefix_cache.clear()
             loaded = load(path_or_repo, adapter, **kw)
@@ -154,9 +156,8 @@ class Engine:
             self._source = str(getattr(loaded, "path", ""))
 
     def unload(self) -> None:
-        self._cancel.set()
+        self._stop_all()
         with self._lock:
-            self._cancel.clear()
             self._loaded = None
             self.prefix_cache.clear()
             import mlx.core as mx
@@ -220,7 +221,13 @@ class Engine:
 
     def cancel(self) -> None:
         """Stop the running generation (thread-safe); it ends within one token."""
+        self._stop_all()
+
+    def _stop_all(self) -> None:
         self._cancel.set()
+        running = self._running_cancel
+        if running is not None:
+            running.set()
 
     def chat(
         self, messages: list[dict[str, str]], params: SamplingParams | None = None
@@ -246,11 +253,14 @@ class Engine:
             raise ContextLengthError(
                 f"prompt is {len(ids)} tokens but the model's context is {ctx} tokens"
             )
-        self._cancel.clear()  # a cancel() from here on applies to this request
-        return self._run(ids, params or SamplingParams(), fallback)
+        flag = self._cancel = threading.Event()  # a cancel() from here on stops this request
+        return self._run(ids, params or SamplingParams(), fallback, flag)
 
-    def _run(self, ids: list[int], params: SamplingParams, fallback: bool) -> Iterator[Event]:
+    def _run(
+        self, ids: list[int], params: SamplingParams, fallback: bool, flag: threading.Event
+    ) -> Iterator[Event]:
         with self._lock:
+            self._running_cancel = flag
             loaded = self._need()
             cache, n_cached = self.prefix_cache.take(loaded.model, ids)
             generated: list[int] = []
@@ -260,7 +270,7 @@ class Engine:
                     loaded,
                     ids,
                     params,
-                    self._cancel,
+                    flag,
                     cache=cache,
                     num_cached=n_cached,
                     prefill_chunk=self.prefill_chunk,
@@ -276,6 +286,7 @@ class Engine:
                 keep = True  # the caller stopped reading; the cache is consistent
                 raise
             finally:
+                self._running_cancel = None
                 # After an error we do not know what the cache holds: drop it.
                 if keep:
                     self.prefix_cache.put(ids + generated, cache)
