@@ -22,6 +22,7 @@ from engine.errors import QuantError
 from engine.quant.affine import quantize_affine
 from engine.quant.fp8 import DEFAULT_BLOCK, Fp8Linear, Fp8SwitchLinear, quantize_fp8_blocks
 from engine.quant.safetensors_fp8 import save_safetensors
+from kernels.affine_dequant import dequant_affine
 
 FORMATS = {"fp8": None, "q8": 8, "q4": 4}
 TOKENIZER_FILES = (
@@ -44,7 +45,10 @@ def float_weights(model: nn.Module) -> dict[str, mx.array]:
     for path, m in model.named_modules():
         prefix = f"{path}." if path else ""
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits)
+            if "biases" in m and getattr(m, "mode", "affine") == "affine":
+                w = dequant_affine(m.weight, m.scales, m.biases, m.group_size, m.bits, mx.float32)
+            else:
+                w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits)
             out[prefix + "weight"] = w.astype(mx.float32)
             if "bias" in m:
                 out[prefix + "bias"] = m.bias.astype(mx.float32)
