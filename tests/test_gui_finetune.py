@@ -1,7 +1,8 @@
 """The fine-tune view drives the real trainer (`engine.train.trainer`) on a tiny llama with its
 own tokenizer: the data preview shows the dataset report; a run goes to the end and plots one
 training-loss point per step and the validation points, with the best checkpoint marked; the
-adapter lands in the adapters list and "Chat with this adapter" applies it; a cancelled run
+adapter lands in the adapters list, "Chat with this adapter" applies it and "Fuse" writes a
+standalone model the library lists; a cancelled run
 resumes from its checkpoint and finishes."""
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def test_finetune_run_plots_and_applies_adapter(qtbot, tmp_path, latent_home, ti
         ft.chat_btn.click()
     assert sig.args[0]["adapter"] == ft.best_checkpoint
     assert ft.best_checkpoint.endswith(ft.run_name)
+    # fuse: base + adapter written as a standalone model that the library then lists
+    ft.adapters.setCurrentRow(names.index(ft.run_name))
+    ft.fuse_adapter()
+    qtbot.waitUntil(lambda: ft.fused_path is not None, timeout=60000)
+    from pathlib import Path
+
+    assert (Path(ft.fused_path) / "model.safetensors").is_file()
+    assert ft.fused_path in [win.model_combo.itemData(i) for i in range(win.model_combo.count())]
     win.shutdown()
 
 

@@ -35,4 +35,9 @@ def test_real_engine_reply_appears(qtbot, tmp_path, latent_home, default_model_p
     assert reply.content.strip()[:20] in chat.transcript.toPlainText()
     assert stats["generated_tokens"] >= 1 and stats["finish_reason"] in ("stop", "length")
     assert 0 < chat.meter.value() <= 8192
+    # the inspector lists the real parameter table (30 layers of q/k/v/o/gate/up/down + norms)
+    ins = win.views["inspector"]
+    qtbot.waitUntil(lambda: ins.model.rowCount() > 0, timeout=30_000)
+    names = [r[0] for r in ins.model.rows]
+    assert sum(n.endswith("self_attn.q_proj.weight") for n in names) == 30
     win.shutdown()

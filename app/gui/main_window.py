@@ -90,7 +90,7 @@ class MainWindow(QMainWindow):
         self.nav.setIconSize(QSize(24, 24))
         self.nav.setSpacing(4)
         self.nav.setStyleSheet(
-            "QListWidget { border: none; font-size: 12px; }"
+            "QListWidget { border: none; font-size: 12px; background: palette(window); }"
             " QListWidget::item { padding: 10px 4px; border-radius: 6px; }"
             " QListWidget::item:selected { background: palette(highlight);"
             " color: palette(highlighted-text); }"

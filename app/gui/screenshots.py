@@ -119,6 +119,11 @@ def main(out_dir: str = "docs/screenshots") -> int:
     win.chat.send()
     _wait_until(app, lambda: len(win.chat.stream_text) > len(CANNED) * 0.8)
     shot(win, "chat")
+    from app.gui.theme import apply_theme
+
+    apply_theme(app, "dark")
+    shot(win, "chat-dark")
+    apply_theme(app, "light")
     win.chat.stop()
     _wait_until(app, lambda: not win.client.generating)
 

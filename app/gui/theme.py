@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QColor, QFont, QPalette
+from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication
 
 
@@ -68,12 +68,16 @@ def is_dark(app: QApplication, mode: str = "system") -> bool:
 def apply_theme(app: QApplication, mode: str = "system") -> None:
     app.setStyle("Fusion")
     app.setPalette(_dark_palette() if is_dark(app, mode) else _light_palette())
+    # widgets with a style sheet keep the palette they were polished with: re-polish them
+    for w in app.allWidgets():
+        sheet = w.styleSheet()
+        if sheet:
+            w.setStyleSheet("")
+            w.setStyleSheet(sheet)
     font = app.font()
     if font.pointSizeF() < 10:
         font.setPointSizeF(10)
     app.setFont(font)
-    mono = QFont("Monospace")
-    mono.setStyleHint(QFont.Monospace)
 
 
 def follow_system(app: QApplication, get_mode) -> None:

@@ -435,7 +435,7 @@ def run_task(
     return worker
 
 
-def wait_all_tasks(timeout_s: float = 5.0) -> None:
+def wait_all_tasks(timeout_s: float = 60.0) -> None:
     """Join every running task thread (used at shutdown and by tests)."""
     end = time.monotonic() + timeout_s
     for thread, worker, _relay in list(_RUNNING):

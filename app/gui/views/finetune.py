@@ -128,6 +128,8 @@ class FinetuneView(QWidget):
         self.run_name = ""
         self.events: list[dict] = []
         self.finished_kind: str | None = None
+        self.fuse_task = None
+        self.fused_path: str | None = None
         self.best_checkpoint: str | None = None
         self.folder = QLineEdit(placeholderText="A folder of .txt, .md, .pdf, .html, .docx, .jsonl")
         browse = QPushButton("Browse…")
@@ -166,7 +168,11 @@ class FinetuneView(QWidget):
         )
         self.adapters = QListWidget()
         arow = QHBoxLayout()
-        for text, fn in (("Use in chat", self._use_adapter), ("Delete", self._delete_adapter)):
+        for text, fn in (
+            ("Use in chat", self._use_adapter),
+            ("Fuse into a model", self.fuse_adapter),
+            ("Delete", self._delete_adapter),
+        ):
             b = QPushButton(text)
             b.clicked.connect(fn)
             arow.addWidget(b)
@@ -386,6 +392,36 @@ class FinetuneView(QWidget):
             shutil.rmtree(path, ignore_errors=True)
             self.refresh_adapters()
             self.window.refresh_models()
+
+    def fuse_adapter(self) -> None:
+        """Write base model + adapter as a standalone model folder in the models folder."""
+        path = self._selected_adapter()
+        if not path:
+            return
+        from engine.paths import models_dir
+
+        out = models_dir() / f"{Path(path).name}-fused"
+        fallback = self._model_path()
+
+        def work(_task: Any) -> str:
+            import engine
+            from engine.train import lora as L
+
+            base = L.read_adapter_config(path).get("base_model") or fallback
+            if not base:
+                raise ValueError(f"{path}: the adapter names no base model; load it first")
+            loaded = engine.load(base)
+            L.load_adapter(loaded.model, path)
+            return str(L.export(loaded.model, base, out))
+
+        self.progress.setText(f"Fusing {Path(path).name}…")
+        self.fuse_task = run_task(work, on_done=self._fused, on_failed=self._failed)
+
+    def _fused(self, out: str) -> None:
+        self.fuse_task = None
+        self.fused_path = out
+        self.progress.setText(f"Fused model saved to {out}")
+        self.window.refresh_models()
 
     def shutdown(self) -> None:
         self.cancel()
