@@ -108,7 +108,7 @@ def run(src: KernelSource, which: str, launch: Launch) -> list[mx.array]:
 # (whose Metal version reads the NaN code as 480).
 E4M3_METAL = """
 // fp8 e4m3fn: S.EEEE.MMM, bias 7, no infinities, S.1111.111 = NaN, subnormals 2^-6 * m/8.
-inline float e4m3_to_float(uint8_t code) {
+inline float latent_e4m3_to_float(uint8_t code) {
     uint s = (uint(code) >> 7) & 1u;
     uint e = (uint(code) >> 3) & 15u;
     uint m = uint(code) & 7u;
@@ -125,7 +125,7 @@ inline float e4m3_to_float(uint8_t code) {
 """
 
 E4M3_CUDA = """
-__device__ __forceinline__ float e4m3_to_float(uint8_t code) {
+__device__ __forceinline__ float latent_e4m3_to_float(uint8_t code) {
     unsigned s = (unsigned(code) >> 7) & 1u;
     unsigned e = (unsigned(code) >> 3) & 15u;
     unsigned m = unsigned(code) & 7u;
@@ -139,10 +139,10 @@ __device__ __forceinline__ float e4m3_to_float(uint8_t code) {
     }
     return __uint_as_float(bits | (s << 31));
 }
-__device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_out(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ float load_f(float v) { return v; }
-__device__ __forceinline__ float load_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float load_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void latent_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void latent_store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void latent_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ float latent_load(float v) { return v; }
+__device__ __forceinline__ float latent_load(__half v) { return __half2float(v); }
+__device__ __forceinline__ float latent_load(__nv_bfloat16 v) { return __bfloat162float(v); }
 """

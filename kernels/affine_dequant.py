@@ -76,8 +76,8 @@ def _make_affine_dequant_kernel() -> KernelSource:
     unsigned word = wq[r * (K / per_word) + c / per_word];
     unsigned q = (word >> ((c % per_word) * BITS)) & ((1u << BITS) - 1u);
     unsigned g = r * (K / GS) + c / GS;
-    float v = __fadd_rn(__fmul_rn(float(q), load_f(scales[g])), load_f(biases[g]));
-    store_out(&out[i], v);
+    float v = __fadd_rn(__fmul_rn(float(q), latent_load(scales[g])), latent_load(biases[g]));
+    latent_store(&out[i], v);
     """
     return KernelSource(
         name="latent_affine_dequant",
@@ -86,7 +86,7 @@ def _make_affine_dequant_kernel() -> KernelSource:
         metal=metal,
         metal_header="",
         cuda=cuda,
-        cuda_header=E4M3_CUDA,  # for store_out/load_f
+        cuda_header=E4M3_CUDA,  # for latent_store/load_f
     )
 
 

@@ -61,7 +61,7 @@ def _make_fp8_dequant_kernel() -> KernelSource:
     uint r = i / K;
     uint c = i - r * K;
     uint nkb = (K + BK - 1) / BK;
-    float v = e4m3_to_float(w[i]) * s[(r / BN) * nkb + c / BK];
+    float v = latent_e4m3_to_float(w[i]) * s[(r / BN) * nkb + c / BK];
     out[i] = static_cast<T>(v);
     """
     cuda = """
@@ -75,8 +75,8 @@ def _make_fp8_dequant_kernel() -> KernelSource:
     unsigned r = i / K;
     unsigned c = i - r * K;
     unsigned nkb = (K + BK - 1) / BK;
-    float v = __fmul_rn(e4m3_to_float(w[i]), s[(r / BN) * nkb + c / BK]);
-    store_out(&out[i], v);
+    float v = __fmul_rn(latent_e4m3_to_float(w[i]), s[(r / BN) * nkb + c / BK]);
+    latent_store(&out[i], v);
     """
     return KernelSource(
         name="latent_fp8_dequant",

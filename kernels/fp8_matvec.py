@@ -83,7 +83,7 @@ def _make_fp8_matvec_kernel() -> KernelSource:
         for (uint j = 0; j < 4; ++j) {
             uint c = c0 + j;
             if (c < K) {
-                float wv = e4m3_to_float(wr[c]) * sr[c / BK];
+                float wv = latent_e4m3_to_float(wr[c]) * sr[c / BK];
                 float p = wv * float(x[c]);
                 acc = acc + p;
             }
@@ -109,8 +109,8 @@ def _make_fp8_matvec_kernel() -> KernelSource:
         for (unsigned j = 0; j < 4; ++j) {
             unsigned c = c0 + j;
             if (c < K) {
-                float wv = __fmul_rn(e4m3_to_float(wr[c]), sr[c / BK]);
-                acc = __fadd_rn(acc, __fmul_rn(wv, load_f(x[c])));
+                float wv = __fmul_rn(latent_e4m3_to_float(wr[c]), sr[c / BK]);
+                acc = __fadd_rn(acc, __fmul_rn(wv, latent_load(x[c])));
             }
         }
     }
@@ -118,7 +118,7 @@ def _make_fp8_matvec_kernel() -> KernelSource:
         acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, off));
     }
     if (lane == 0) {
-        store_out(&out[r], acc);
+        latent_store(&out[r], acc);
     }
     """
     return KernelSource(
