@@ -148,6 +148,9 @@ def test_conversation_list_new_rename_delete_search(qtbot, tmp_path):
     chat.delete_conversation(chat.conv_id)
     assert [c.title for c in win.store.conversations()] == ["about cats"]
     assert chat.conv_id == win.store.conversations()[0].id
+    # the context meter follows the chat on screen (counted on the engine thread)
+    expected = win.engine.count_tokens(chat.chat_messages())
+    qtbot.waitUntil(lambda: chat.meter.value() == expected, timeout=5000)
     win.shutdown()
 
 

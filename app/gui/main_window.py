@@ -304,7 +304,7 @@ class MainWindow(QMainWindow):
         if info.get("quantization"):
             bits.append(str(info["quantization"]))
         if mem:
-            bits.append(f"{mem} in memory")
+            bits.append(mem)
         if info.get("adapter"):
             bits.append(f"adapter {Path(str(info['adapter'])).name}")
         self.model_label.setText("  ·  ".join(bits))

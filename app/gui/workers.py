@@ -91,7 +91,7 @@ class EngineWorker(QObject):
     token = Signal(int, str)  # request id, new text
     finished = Signal(int, object)  # request id, dict of stats (+ "context_used")
     failed = Signal(int, str)
-    counted = Signal(int)
+    counted = Signal(int, int)  # tag (e.g. a conversation id), tokens
     inspected = Signal(object)  # list of (name, shape, dtype, nbytes)
 
     def __init__(self, factory: Callable[[], Any]) -> None:
@@ -174,11 +174,11 @@ class EngineWorker(QObject):
             )
         self.finished.emit(req, stats)
 
-    @Slot(object)
-    def count(self, messages: object) -> None:
+    @Slot(int, object)
+    def count(self, tag: int, messages: object) -> None:
         try:
             if self.engine is not None and self.engine.info() is not None:
-                self.counted.emit(int(self.engine.count_tokens(list(messages))))
+                self.counted.emit(tag, int(self.engine.count_tokens(list(messages))))
         except Exception:  # noqa: BLE001 - the meter is a hint, never an error
             pass
 
@@ -212,7 +212,7 @@ class EngineClient(QObject):
     _do_unload = Signal()
     _do_adapter = Signal(object)
     _do_generate = Signal(int, object, object)
-    _do_count = Signal(object)
+    _do_count = Signal(int, object)
     _do_inspect = Signal()
 
     loaded = Signal(object)
@@ -221,7 +221,7 @@ class EngineClient(QObject):
     token = Signal(int, str)
     finished = Signal(int, object)
     failed = Signal(int, str)
-    counted = Signal(int)
+    counted = Signal(int, int)  # tag (e.g. a conversation id), tokens
     inspected = Signal(object)
     busy_changed = Signal(bool)
 
@@ -277,8 +277,9 @@ class EngineClient(QObject):
         self._do_generate.emit(self._req, list(messages), dict(params))
         return self._req
 
-    def count(self, messages: list[dict]) -> None:
-        self._do_count.emit(list(messages))
+    def count(self, messages: list[dict], tag: int = 0) -> None:
+        """Count tokens on the engine thread; `counted(tag, n)` answers."""
+        self._do_count.emit(int(tag), list(messages))
 
     def inspect(self) -> None:
         self._do_inspect.emit()

@@ -57,7 +57,7 @@ class ChatView(QWidget):
         client.token.connect(self._on_token)
         client.finished.connect(self._on_finished)
         client.failed.connect(self._on_failed)
-        client.counted.connect(self._set_context)
+        client.counted.connect(self._on_counted)
         client.loaded.connect(self._on_model_loaded)
         client.unloaded.connect(self._update_buttons)
         client.busy_changed.connect(lambda *_: self._update_buttons())
@@ -78,7 +78,10 @@ class ChatView(QWidget):
         self.list_model = ConversationListModel(self.store, self)
         self.list = QListView()
         self.list.setModel(self.list_model)
-        self.list.setEditTriggers(QAbstractItemView.EditKeyPressed)
+        self.list.setEditTriggers(
+            QAbstractItemView.EditKeyPressed | QAbstractItemView.DoubleClicked
+        )
+        self.list.setToolTip("Double-click or F2 to rename")
         self.list.setContextMenuPolicy(Qt.CustomContextMenu)
         self.list.customContextMenuRequested.connect(self._list_menu)
         self.list.clicked.connect(
@@ -232,7 +235,7 @@ class ChatView(QWidget):
         if row >= 0:
             self.list.setCurrentIndex(self.list_model.index(row))
         self._reload()
-        self.client.count(self.chat_messages())
+        self.client.count(self.chat_messages(), self.conv_id)
         self.store.set_setting("last_conversation", conv_id)
 
     def rename_conversation(self, conv_id: int, title: str) -> None:
@@ -457,10 +460,14 @@ class ChatView(QWidget):
         text = self.system_prompt.toPlainText()
         if text != self.store.conversation(self.conv_id).system_prompt:
             self.store.set_system_prompt(self.conv_id, text)
-            self.client.count(self.chat_messages())
+            self.client.count(self.chat_messages(), self.conv_id)
 
     def context_length(self) -> int:
         return int((self.client.info or {}).get("context_length") or 0) or 8192
+
+    def _on_counted(self, conv_id: int, used: int) -> None:
+        if conv_id == self.conv_id:  # an answer for a chat no longer shown is dropped
+            self._set_context(used)
 
     def _set_context(self, used: int) -> None:
         self.context_used = used
@@ -476,7 +483,7 @@ class ChatView(QWidget):
         if conv is not None and not conv.params:
             self.sampling.set_values(self.model_defaults())
         self._reload()
-        self.client.count(self.chat_messages())
+        self.client.count(self.chat_messages(), self.conv_id)
 
     def _update_buttons(self, *_: object) -> None:
         gen = self.client.generating
