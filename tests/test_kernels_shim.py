@@ -182,3 +182,8 @@ def test_dispatchers_fall_back_to_the_reference_here():
     assert mx.array_equal(dequant_affine(wq, sc, bi, 64, 4), affine_dequant_ref(wq, sc, bi, 64, 4))
     with pytest.raises(RuntimeError, match="neither Metal nor CUDA"):
         dequant_fp8(w, s, use_kernel=True)
+    from kernels import Format, reference
+
+    assert (
+        reference(Format.FP8_BLOCK) is fp8_dequant_ref and reference("affine") is affine_dequant_ref
+    )
