@@ -160,7 +160,7 @@ def check_safetensors(path: Path) -> list[str]:
             raise ModelLoadError(f"{path}: corrupt safetensors header entry for {name!r}") from None
         if not (isinstance(shape, list) and all(map(_is_count, [*shape, begin, end]))):
             raise ModelLoadError(f"{path}: corrupt safetensors header entry for {name!r}")
-        if dtype not in _ST_SIZES:
+        if not isinstance(dtype, str) or dtype not in _ST_SIZES:
             raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         want = math.prod(shape) * _ST_SIZES[dtype]
         if end - begin != want or begin < 0:

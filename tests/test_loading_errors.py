@@ -239,3 +239,36 @@ def test_header_with_nonsense_shape(tiny):
 
     _rewrite_header(tiny / "model.safetensors", nonsense)
     _fails(tiny, "model.norm.weight", "corrupt safetensors header")
+
+
+def test_safetensors_header_fuzz(tmp_path):
+    """Random header entries never escape as anything but ModelLoadError."""
+    from hypothesis import example, given, settings
+    from hypothesis import strategies as st
+
+    from engine.loading import check_safetensors
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**12), st.text(max_size=5))
+    value = st.one_of(
+        scalar, st.lists(scalar, max_size=4), st.dictionaries(st.text(max_size=3), scalar)
+    )
+    dtype = st.one_of(st.sampled_from(["F32", "BF16", "U8", "X9"]), value)
+    shape = st.one_of(st.lists(st.integers(0, 8), max_size=3), value)
+    offsets = st.one_of(st.lists(st.integers(0, 300), min_size=2, max_size=2), value)
+    entry = st.fixed_dictionaries({"dtype": dtype, "shape": shape, "data_offsets": offsets})
+    f = tmp_path / "fuzz.safetensors"
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.dictionaries(st.text(max_size=4), st.one_of(entry, value), max_size=3))
+    @example({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}})
+    @example({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}})
+    @example({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}})
+    def run(header):
+        raw = json.dumps(header).encode()
+        f.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
+        try:
+            check_safetensors(f)
+        except ModelLoadError:
+            pass
+
+    run()
