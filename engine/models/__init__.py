@@ -18,8 +18,16 @@ ALIASES = {
 }
 
 SUPPORTED = (
-    "llama", "mistral", "qwen2", "qwen3", "gpt2", "deepseek_v2", "deepseek_v3",
-    "mixtral", "qwen2_moe", "tiny",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "deepseek_v2",
+    "deepseek_v3",
+    "mixtral",
+    "qwen2_moe",
+    "tiny",
 )
 
 
