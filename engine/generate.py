@@ -275,8 +275,9 @@ def _stream(
         prompt_tokens=len(prompt_ids), cached_tokens=num_cached, template_fallback=template_fallback
     )
     room = ctx - len(prompt_ids)
-    limit = min(params.max_tokens, room)
-    limit_reason = "length" if params.max_tokens <= room else "context"
+    max_tokens = room if params.max_tokens is None else int(params.max_tokens)
+    limit = min(max_tokens, room)
+    limit_reason = "length" if max_tokens <= room else "context"
     detok = tokenizer.detokenizer()
     scanner = _StopScanner(params.stop)
     mx.reset_peak_memory()
