@@ -2,8 +2,9 @@
 
 Each message carries action links (`copy:<i>`, `edit:<i>`, `regen:<i>`, `copy-code:<i>:<j>`)
 that are emitted as `action(kind, index, block)`. While a reply streams, only a re-render at
-most every 40 ms happens (not one per token), and the view stays pinned to the bottom only if
-the user was already there.
+most every 40 ms happens (not one per token) and only the streaming bubble is replaced (the
+finished messages are not laid out again); the view stays pinned to the bottom only if the user
+was already there.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import html
 
 from PySide6.QtCore import QTimer, QUrl, Signal
-from PySide6.QtGui import QPalette
+from PySide6.QtGui import QPalette, QTextCursor
 from PySide6.QtWidgets import QTextBrowser
 
 from app.gui.render import render_markdown
@@ -51,7 +52,8 @@ class Transcript(QTextBrowser):
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(40)
-        self._timer.timeout.connect(self.render)
+        self._timer.timeout.connect(self.render_stream)
+        self._stream_pos: int | None = None  # where the streaming bubble starts
         self.empty_hint = "Start the conversation below."
 
     # ---- content -------------------------------------------------------------------------
@@ -108,15 +110,43 @@ class Transcript(QTextBrowser):
             parts.append(
                 self._bubble(role, render_markdown(content, dark, i), actions, meta, user_bg, muted)
             )
-        if self.streaming is not None:
-            body = render_markdown(self.streaming + " ▍", dark, len(self.messages))
-            parts.append(self._bubble("assistant", body, [], "generating…", user_bg, muted))
         parts.append("</body>")
         bar = self.verticalScrollBar()
         at_bottom = bar.value() >= bar.maximum() - 30
         keep = bar.value()
         self.setHtml("".join(parts))
+        self._stream_pos = None
+        if self.streaming is not None:
+            end = QTextCursor(self.document())
+            end.movePosition(QTextCursor.End)
+            self._stream_pos = end.position()
+            self._insert_stream()
         bar.setValue(bar.maximum() if at_bottom else keep)
+
+    def render_stream(self) -> None:
+        """Replace only the streaming bubble: the finished messages are not laid out again."""
+        if self.streaming is None:
+            return
+        if self._stream_pos is None:
+            self.render()
+            return
+        bar = self.verticalScrollBar()
+        at_bottom = bar.value() >= bar.maximum() - 30
+        keep = bar.value()
+        self._insert_stream()
+        bar.setValue(bar.maximum() if at_bottom else keep)
+
+    def _insert_stream(self) -> None:
+        dark = self._dark()
+        muted = "#9aa0a6" if dark else "#6b7280"
+        body = render_markdown((self.streaming or "") + " ▍", dark, len(self.messages))
+        cursor = QTextCursor(self.document())
+        cursor.setPosition(self._stream_pos)
+        cursor.movePosition(QTextCursor.End, QTextCursor.KeepAnchor)
+        cursor.beginEditBlock()
+        cursor.removeSelectedText()
+        cursor.insertHtml(self._bubble("assistant", body, [], "generating…", "", muted))
+        cursor.endEditBlock()
 
     def _bubble(
         self, role: str, body: str, actions: list[str], meta: str, user_bg: str, muted: str
