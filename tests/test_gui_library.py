@@ -1,7 +1,8 @@
 """Library and downloads views against the local Hub-compatible test server (the real
 `engine.hub` client): search with a format filter lists the repo, its variants show sizes and a
 fit label, a variant downloads byte-identical into the HF cache with progress in the table;
-pause, a restart of the window, and resume finish the job; the inspector lists parameters."""
+pause, a restart of the window, and resume finish the job; a model file is imported in place,
+loaded from the local list and forgotten (the file stays); the inspector lists parameters."""
 
 from __future__ import annotations
 
@@ -107,4 +108,23 @@ def test_inspector_lists_parameters(qtbot, tmp_path):
         "layers.0.self_attn.q_proj.weight": "8 × 8",
         "norm.weight": "8",
     }
+    win.shutdown()
+
+
+def test_local_models_import_load_forget(qtbot, tmp_path, hub, default_model_path):
+    win = make_window(qtbot, tmp_path / "c.sqlite", load=False)
+    lib = win.views["library"]
+    qtbot.waitUntil(lambda: lib.local.rowCount() == 0, timeout=5000)  # a fresh library
+    lib.import_path(str(default_model_path))
+    qtbot.waitUntil(lambda: lib.local.rowCount() == 1, timeout=10000)
+    (m,) = lib.local.rows
+    assert m.path == str(default_model_path.resolve()) and m.format == "gguf"
+    assert win.model_combo.findData(m.path) >= 0
+    lib.local_view.selectRow(0)
+    with qtbot.waitSignal(win.client.loaded, timeout=5000) as sig:
+        lib.load_selected()
+    assert sig.args[0]["path"] == m.path
+    lib.delete_path(m.path)  # an import is only forgotten: the file stays
+    qtbot.waitUntil(lambda: lib.local.rowCount() == 0, timeout=10000)
+    assert default_model_path.exists() and lib.status.text() == "Freed 0 B"
     win.shutdown()

@@ -254,30 +254,42 @@ class LibraryView(QWidget):
         if m is None or self.hub is None:
             return
         size = human_bytes(getattr(m, "size_bytes", 0))
-        answer = QMessageBox.question(self, "Delete model", f"Delete {m.name} ({size}) from disk?")
-        if answer != QMessageBox.Yes:
-            return
+        what = "Forget" if getattr(m, "source", "") == "imported" else "Delete"
+        question = f"{what} {m.name} ({size})?" + (
+            "" if what == "Forget" else " Its files are removed from disk."
+        )
+        if QMessageBox.question(self, f"{what} model", question) == QMessageBox.Yes:
+            self.delete_path(str(m.path))
+
+    def delete_path(self, path: str) -> None:
+        """Delete a model from disk (an imported one is only forgotten)."""
         run_task(
-            lambda _t: self.hub.delete_model(m.path),
-            on_done=lambda n: (
-                self.status.setText(f"Freed {human_bytes(n) or '0 B'}"),
-                self.refresh_local(),
-                self.window.refresh_models(),
-            ),
+            lambda _t: self.hub.delete_model(path),
+            on_done=self._on_deleted,
             on_failed=self._on_failed,
         )
+
+    def _on_deleted(self, freed: int) -> None:
+        self.status.setText(f"Freed {human_bytes(freed) or '0 B'}")
+        self.refresh_local()
+        self.window.refresh_models()
 
     def import_model(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
             self, "Import a model", str(Path.home()), "Models (*.gguf config.json)"
         )
-        if not path or self.hub is None:
-            return
-        if path.endswith("config.json"):
-            path = str(Path(path).parent)
+        if path and self.hub is not None:
+            self.import_path(str(Path(path).parent) if path.endswith("config.json") else path)
+
+    def import_path(self, path: str) -> None:
+        """Reference a .gguf file or a model folder in place."""
         run_task(
             lambda _t: self.hub.import_model(path),
-            on_done=lambda _m: (self.refresh_local(), self.window.refresh_models()),
+            on_done=lambda m: (
+                self.status.setText(f"Imported {m.name}"),
+                self.refresh_local(),
+                self.window.refresh_models(),
+            ),
             on_failed=self._on_failed,
         )
 
