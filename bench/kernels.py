@@ -29,7 +29,7 @@ if __name__ == "__main__":
 
 import mlx.core as mx  # noqa: E402
 
-from kernels._common import backend  # noqa: E402
+from latent_kernels._common import backend  # noqa: E402
 
 
 def _time(fn, *, repeat: int = 5, warmup: int = 1) -> float:
@@ -79,9 +79,9 @@ def dequant_throughput(n: int = 4096, k: int = 4096) -> list[dict]:
     """GB/s = (bytes read + bytes written) / median time, for each path that runs here."""
     from engine.quant.affine import quantize_affine
     from engine.quant.fp8 import dequant_fp8_cpu, quantize_fp8_blocks
-    from kernels.affine_dequant import affine_dequant_kernel, affine_dequant_ref
-    from kernels.fp8_dequant import fp8_dequant_kernel, fp8_dequant_ref
-    from kernels.fp8_matvec import fp8_matvec_kernel, fp8_matvec_ref
+    from latent_kernels.affine_dequant import affine_dequant_kernel, affine_dequant_ref
+    from latent_kernels.fp8_dequant import fp8_dequant_kernel, fp8_dequant_ref
+    from latent_kernels.fp8_matvec import fp8_matvec_kernel, fp8_matvec_ref
 
     which = backend()
     w = mx.random.normal((n, k))

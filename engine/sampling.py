@@ -98,7 +98,8 @@ def make_sampler(
     if temperature <= 0.0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
 
-    state = {"key": mx.random.key(seed) if seed is not None else None}
+    # Any integer is a valid seed (OpenAI clients send int64, negatives too); MLX keys are uint64.
+    state = {"key": mx.random.key(seed % 2**64) if seed is not None else None}
 
     def sample(logprobs: mx.array) -> mx.array:
         x = filter_logits(logprobs, temperature, top_k, top_p, min_p)

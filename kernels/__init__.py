@@ -18,7 +18,7 @@ class Format(str, Enum):
 
 def reference(fmt: Format | str):
     """The reference dequantizer for a format (`fp8_dequant_ref` or `affine_dequant_ref`)."""
-    from kernels.affine_dequant import affine_dequant_ref
-    from kernels.fp8_dequant import fp8_dequant_ref
+    from .affine_dequant import affine_dequant_ref
+    from .fp8_dequant import fp8_dequant_ref
 
     return {Format.FP8_BLOCK: fp8_dequant_ref, Format.AFFINE: affine_dequant_ref}[Format(fmt)]

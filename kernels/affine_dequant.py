@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kernels._common import E4M3_CUDA, KernelSource, Launch, pick, run
+from ._common import E4M3_CUDA, KernelSource, Launch, pick, run
 
 KERNEL_BITS = (2, 4, 8)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kernels._common import E4M3_CUDA, E4M3_METAL, KernelSource, Launch, pick, run
+from ._common import E4M3_CUDA, E4M3_METAL, KernelSource, Launch, pick, run
 
 
 def e4m3_decode_ref(codes: mx.array) -> mx.array:

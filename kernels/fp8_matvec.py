@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kernels._common import E4M3_CUDA, E4M3_METAL, KernelSource, Launch, pick, run
-from kernels.fp8_dequant import e4m3_decode_ref, fp8_dequant_ref
+from ._common import E4M3_CUDA, E4M3_METAL, KernelSource, Launch, pick, run
+from .fp8_dequant import e4m3_decode_ref, fp8_dequant_ref
 
 LANES = 32  # one simdgroup (Metal) / warp (CUDA) per output row
 PER_LANE = 4  # consecutive columns per lane per step: a step covers 128 columns

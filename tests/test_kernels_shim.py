@@ -14,21 +14,21 @@ import numpy as np
 import pytest
 
 from engine.quant.affine import quantize_affine
-from kernels.affine_dequant import (
+from latent_kernels.affine_dequant import (
     AFFINE_DEQUANT,
     affine_dequant_kernel,
     affine_dequant_launch,
     affine_dequant_ref,
 )
-from kernels.fp8_dequant import FP8_DEQUANT, fp8_dequant_kernel, fp8_dequant_launch, fp8_dequant_ref
-from kernels.fp8_matvec import (
+from latent_kernels.fp8_dequant import FP8_DEQUANT, fp8_dequant_kernel, fp8_dequant_launch, fp8_dequant_ref
+from latent_kernels.fp8_matvec import (
     FP8_MATVEC,
     fp8_matvec_kernel,
     fp8_matvec_launch,
     fp8_matvec_ordered_ref,
     fp8_matvec_ref,
 )
-from kernels.shim.harness import (
+from latent_kernels.shim.harness import (
     cpp_source,
     cuda_cpp_source,
     have_compiler,
@@ -167,10 +167,10 @@ def test_cuda_fp8_matvec_bit_exact():
 
 
 def test_dispatchers_fall_back_to_the_reference_here():
-    from kernels._common import backend
-    from kernels.affine_dequant import dequant_affine
-    from kernels.fp8_dequant import dequant_fp8
-    from kernels.fp8_matvec import matvec_fp8
+    from latent_kernels._common import backend
+    from latent_kernels.affine_dequant import dequant_affine
+    from latent_kernels.fp8_dequant import dequant_fp8
+    from latent_kernels.fp8_matvec import matvec_fp8
 
     if backend() != "cpu":
         pytest.skip("a GPU backend is present")
@@ -182,7 +182,7 @@ def test_dispatchers_fall_back_to_the_reference_here():
     assert mx.array_equal(dequant_affine(wq, sc, bi, 64, 4), affine_dequant_ref(wq, sc, bi, 64, 4))
     with pytest.raises(RuntimeError, match="neither Metal nor CUDA"):
         dequant_fp8(w, s, use_kernel=True)
-    from kernels import Format, reference
+    from latent_kernels import Format, reference
 
     assert (
         reference(Format.FP8_BLOCK) is fp8_dequant_ref and reference("affine") is affine_dequant_ref

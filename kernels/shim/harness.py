@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from kernels._common import KernelSource, Launch
+from .._common import KernelSource, Launch
 
 SHIM_DIR = Path(__file__).resolve().parent
 CXXFLAGS = ["-O1", "-std=c++20", "-ffp-contract=off", "-pthread"]
