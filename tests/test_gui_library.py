@@ -2,7 +2,8 @@
 `engine.hub` client): search with a format filter lists the repo, its variants show sizes and a
 fit label, a variant downloads byte-identical into the HF cache with progress in the table;
 pause, a restart of the window, and resume finish the job; a model file is imported in place,
-loaded from the local list and forgotten (the file stays); the inspector lists parameters."""
+loaded from the local list and forgotten (the file stays); a corrupt download fails with the
+reason in the error banner; the inspector lists parameters."""
 
 from __future__ import annotations
 
@@ -127,4 +128,14 @@ def test_local_models_import_load_forget(qtbot, tmp_path, hub, default_model_pat
     lib.delete_path(m.path)  # an import is only forgotten: the file stays
     qtbot.waitUntil(lambda: lib.local.rowCount() == 0, timeout=10000)
     assert default_model_path.exists() and lib.status.text() == "Freed 0 B"
+    win.shutdown()
+
+
+def test_failed_download_shows_banner(qtbot, tmp_path, hub):
+    hub.corrupt.add((REPO, "tiny-Q8_0.gguf"))  # served bytes do not match the Hub's sha256
+    win = make_window(qtbot, tmp_path / "c.sqlite", load=False)
+    win.views["library"].enqueue(REPO, ["tiny-Q8_0.gguf"])
+    qtbot.waitUntil(lambda: bool(_jobs(win)) and _jobs(win)[0].status == "failed", timeout=20000)
+    qtbot.waitUntil(lambda: "sha256 mismatch" in win.banner.text(), timeout=5000)
+    assert win.banner.kind == "error" and REPO in win.banner.text()
     win.shutdown()

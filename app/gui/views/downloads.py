@@ -109,7 +109,8 @@ class DownloadsView(QWidget):
         sel = self.selected_job()
         jobs = self.manager.jobs()
         first = not hasattr(self, "_seen_done")
-        was_done = {j.id for j in self.model.rows if j.status == "done"}
+        before = {j.id: j.status for j in self.model.rows}
+        was_done = {i for i, st in before.items() if st == "done"}
         self._seen_done = True
         self.model.set_rows(jobs)
         if sel:
@@ -122,6 +123,9 @@ class DownloadsView(QWidget):
         )
         if not first and any(j.status == "done" and j.id not in was_done for j in jobs):
             self.window.refresh_models()  # a finished download is a new local model
+        for j in jobs:  # a download that just failed: say so in the banner, not only the table
+            if not first and j.status in ("failed", "disk full") and before.get(j.id) != j.status:
+                self.window.show_error(f"download of {j.repo_id} {j.status}: {j.error or ''}")
 
     def selected_job(self) -> str | None:
         ix = self.table.currentIndex()
