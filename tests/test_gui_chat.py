@@ -233,3 +233,17 @@ def test_toolbar_adapter_toggle_and_unload(qtbot, tmp_path, latent_home):
     assert win.client.info is None and win.engine.info() is None
     assert not win.chat.send_btn.isEnabled() and win.status.text() == "No model loaded"
     win.shutdown()
+
+
+def test_delete_chat_while_it_streams(qtbot, tmp_path):
+    win = make_window(qtbot, tmp_path / "c.sqlite", FakeEngine(delay=0.05))
+    first = win.chat.conv_id
+    send(qtbot, win, "long answer please", wait=False)
+    qtbot.waitUntil(lambda: win.chat.tokens_seen >= 2, timeout=5000)
+    with qtbot.waitSignal(win.chat.reply_finished, timeout=5000):
+        win.chat.delete_conversation(first)
+    assert first not in [c.id for c in win.store.conversations()]
+    assert not win.client.generating and win.chat.messages() == []
+    send(qtbot, win, "still works?")  # the app carries on in the new chat
+    assert contents(win)[-1][1].startswith("Reply 2")
+    win.shutdown()

@@ -378,7 +378,7 @@ class ChatView(QWidget):
         stats = dict(stats)
         context_used = stats.pop("context_used", None)
         if self.stream_text or stats.get("finish_reason") != "cancelled":
-            self.store.add_message(self.stream_conv, "assistant", self.stream_text, stats)
+            self._save_reply(stats)
         self.req = None
         self.transcript.end_stream()
         if self.stream_conv == self.conv_id:
@@ -395,9 +395,7 @@ class ChatView(QWidget):
         if req != self.req:
             return
         if self.stream_text:
-            self.store.add_message(
-                self.stream_conv, "assistant", self.stream_text, {"finish_reason": "error"}
-            )
+            self._save_reply({"finish_reason": "error"})
         self.req = None
         self.transcript.end_stream()
         self._reload()
@@ -405,6 +403,11 @@ class ChatView(QWidget):
         if "context" in message.lower():
             self._context_notice()
         self.error.emit(message)
+
+    def _save_reply(self, stats: dict) -> None:
+        """Store the reply in the chat it belongs to, unless that chat was deleted meanwhile."""
+        if any(c.id == self.stream_conv for c in self.store.conversations()):
+            self.store.add_message(self.stream_conv, "assistant", self.stream_text, stats)
 
     def _context_notice(self) -> None:
         n = self.context_length()
