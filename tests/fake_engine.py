@@ -82,6 +82,8 @@ class FakeEngine:
         self._info: FakeInfo | None = None
         self.loaded: Any = None
         self.n_chats = 0
+        self.yielded = 0  # tokens yielded by the current chat() call
+        self.yielded_at_cancel: int | None = None
 
     # ---- model ---------------------------------------------------------------------------
     def load(self, path: str, adapter: str | None = None) -> FakeInfo:
@@ -130,6 +132,7 @@ class FakeEngine:
 
     # ---- generation ----------------------------------------------------------------------
     def cancel(self) -> None:
+        self.yielded_at_cancel = self.yielded
         self._cancel.set()
 
     def chat(self, messages: list[dict], params: Any = None) -> Iterator[FakeEvent]:
@@ -138,6 +141,7 @@ class FakeEngine:
         self.calls.append([dict(m) for m in messages])
         self.params.append(params)
         self._cancel.clear()
+        self.yielded, self.yielded_at_cancel = 0, None
         self.n_chats += 1
         if self.chat_error is not None:
             raise self.chat_error
@@ -165,6 +169,7 @@ class FakeEngine:
             time.sleep(self.delay)
             ttft = ttft or time.perf_counter() - t0
             n += 1
+            self.yielded += 1
             yield FakeEvent(text=w, token_id=100 + i)
         elapsed = max(time.perf_counter() - t0, 1e-6)
         stats = FakeStats(
