@@ -223,3 +223,53 @@ def test_mlx_lm_loads_our_adapter(tmp_path):
     load_adapters(theirs, str(tmp_path / "ad"))
     x = mx.array([[4, 8, 15, 16, 23, 42]])
     np.testing.assert_allclose(np.array(theirs(x)), np.array(model(x)), atol=1e-4)
+
+
+def test_mla_projections_adapted_and_absorbed_decode_sees_the_adapter():
+    """DeepSeek-V2 latent attention: q_a/q_b/kv_a/kv_b projections take adapters; one-token decode
+    (absorbed path, which reads kv_b_proj's weight instead of calling it) equals the full forward,
+    and fusing gives the same logits."""
+    from engine.models import get_model_classes
+
+    Model, Args = get_model_classes("deepseek_v2")
+    cfg = dict(model_type="deepseek_v2", vocab_size=64, hidden_size=48, intermediate_size=64,
+               moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+               kv_lora_rank=32, q_lora_rank=20, qk_rope_head_dim=8, qk_nope_head_dim=16,
+               v_head_dim=12, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+               max_position_embeddings=128, rope_theta=10000.0)
+    mx.random.seed(0)
+    model = Model(Args.from_dict(cfg))
+    mx.eval(model.parameters())
+    keys = L.apply_lora(model, rank=4, alpha=8)
+    for k in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
+        assert f"self_attn.{k}" in keys
+    assert "mlp.shared_experts.down_proj" in keys and not any(k.endswith("gate") for k in keys)
+    randomize_adapters(model, seed=5)
+    x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    full = model(x)
+    cache = model.make_cache()
+    model(x[:, :-1], cache=cache)
+    last = model(x[:, -1:], cache=cache)
+    np.testing.assert_allclose(np.array(last[0, -1]), np.array(full[0, -1]), atol=1e-4)
+    L.fuse(model)
+    np.testing.assert_allclose(np.array(model(x)), np.array(full), atol=1e-4)
+
+
+def test_fp8_base_gradients_and_fuse():
+    """QLoRA over the fp8 (e4m3, 128×128 block scales) linear of engine/quant: gradients equal
+    torch on the dequantized weight; fusing re-quantizes to fp8 close to base + delta."""
+    fp8 = pytest.importorskip("engine.quant.fp8")
+    mx.random.seed(0)
+    w = 0.05 * mx.random.normal((96, 160))
+    base = fp8.Fp8Linear(160, 96, bias=False)
+    base.weight, base.weight_scale_inv = fp8.quantize_fp8_blocks(w)
+    layer = L.LoRALinear(base, rank=4, scale=2.0)
+    assert L.linear_dims(base) == (160, 96)
+    w64 = np.array(base.dequantized(mx.float32), dtype=np.float64)
+    _check(layer, w64, None)
+    target = w64 + np.array(layer.delta(), dtype=np.float64)
+    fused = layer.fused()
+    assert type(fused) is fp8.Fp8Linear
+    got = np.array(fused.dequantized(mx.float32), dtype=np.float64)
+    # e4m3 keeps 3 mantissa bits: relative error ≤ 2^-4 of each block's scale-relative magnitude
+    assert np.abs(got - target).max() <= 0.0625 * np.abs(target).max()

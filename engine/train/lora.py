@@ -86,10 +86,10 @@ def dequantized_weight(layer: nn.Module) -> mx.array:
                              group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
     if isinstance(layer, nn.Linear):
         return layer.weight
+    if hasattr(layer, "dequantized"):  # engine.quant.fp8.Fp8Linear
+        return layer.dequantized(mx.float32)
     if hasattr(layer, "dequantize"):
         return layer.dequantize()
-    if hasattr(layer, "dequantized_weight"):
-        return layer.dequantized_weight()
     raise TrainingError(f"cannot read the weight of a {type(layer).__name__} layer")
 
 
@@ -104,16 +104,21 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
     for a, b in (("input_dims", "output_dims"), ("in_features", "out_features")):
         if hasattr(layer, a) and hasattr(layer, b):
             return int(getattr(layer, a)), int(getattr(layer, b))
+    if "weight_scale_inv" in layer:  # fp8: one uint8 code per weight, (out, in)
+        out, inp = layer.weight.shape
+        return inp, out
     out, inp = dequantized_weight(layer).shape
     return inp, out
 
 
 def is_linear(layer: Any) -> bool:
+    if isinstance(layer, LoRALinear):
+        return False
     if isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
         return True
     # other quantized linears (e.g. fp8 with block scales) that can hand out their weight
-    return isinstance(layer, nn.Module) and "weight" in layer and (
-        hasattr(layer, "dequantize") or hasattr(layer, "dequantized_weight")
+    return isinstance(layer, nn.Module) and "weight" in layer and layer["weight"].ndim == 2 and (
+        hasattr(layer, "dequantize") or hasattr(layer, "dequantized")
     ) and not isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
 
 
@@ -150,6 +155,13 @@ class LoRALinear(nn.Module):
         z = (self.dropout(x).astype(mx.float32) @ self.lora_a) @ self.lora_b
         return y + (self.scale * z).astype(y.dtype)
 
+    def dequantized(self, dtype: mx.Dtype | None = None) -> mx.array:
+        """The effective (out, in) weight, base + adapter: for code that reads a layer's weight
+        instead of calling it (MLA's absorbed decode reads kv_b_proj this way)."""
+        w = dequantized_weight(self.linear)
+        out = w.astype(mx.float32) + self.delta()
+        return out.astype(dtype or (w.dtype if w.dtype != mx.float32 else mx.float32))
+
     def delta(self) -> mx.array:
         """The (out, in) weight change this adapter makes: scale · (A·B)ᵀ."""
         return self.scale * (self.lora_a @ self.lora_b).T
@@ -167,8 +179,14 @@ class LoRALinear(nn.Module):
             fused.bias = base.bias
         if _is_affine_quantized(base) and not dequantize:
             fused = nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, mode=base.mode)
-        elif not isinstance(base, nn.Linear) and not dequantize and hasattr(type(base), "from_linear"):
-            fused = type(base).from_linear(fused)
+        elif "weight_scale_inv" in base and not dequantize:  # fp8 with block scales: re-quantize
+            from engine.quant.fp8 import quantize_fp8_blocks
+
+            requant = type(base)(in_dims, out_dims, bias=has_bias, block=base.block)
+            requant.weight, requant.weight_scale_inv = quantize_fp8_blocks(new_w, base.block)
+            if has_bias:
+                requant.bias = base.bias
+            fused = requant
         return fused
 
 
