@@ -10,16 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QPainter, QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView,
-    QApplication,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QPushButton,
-    QStyle,
     QStyledItemDelegate,
-    QStyleOptionProgressBar,
     QTableView,
     QVBoxLayout,
     QWidget,
@@ -29,16 +27,31 @@ from app.gui.models.library import DownloadsModel
 
 
 class ProgressDelegate(QStyledItemDelegate):
+    """A flat progress bar with the byte counts on it (drawn by hand: same look everywhere)."""
+
     def paint(self, painter, option, index) -> None:
-        frac = index.data(Qt.UserRole + 1) or 0.0
-        bar = QStyleOptionProgressBar()
-        bar.rect = option.rect.adjusted(4, 6, -4, -6)
-        bar.minimum, bar.maximum = 0, 1000
-        bar.progress = int(1000 * frac)
-        bar.text = f"{index.data()}  ({frac:.0%})"
-        bar.textVisible = True
-        bar.state = option.state
-        QApplication.style().drawControl(QStyle.CE_ProgressBar, bar, painter)
+        frac = max(0.0, min(1.0, float(index.data(Qt.UserRole + 1) or 0.0)))
+        pal = option.palette
+        rect = option.rect.adjusted(4, 7, -4, -7)
+        painter.save()
+        painter.setRenderHint(QPainter.Antialiasing)
+        painter.setPen(Qt.NoPen)
+        painter.setBrush(pal.color(QPalette.AlternateBase))
+        painter.drawRoundedRect(rect, 4, 4)
+        if frac > 0:
+            done = rect.adjusted(0, 0, -int(rect.width() * (1 - frac)), 0)
+            painter.setBrush(pal.color(QPalette.Highlight))
+            painter.drawRoundedRect(done, 4, 4)
+        text = f"{index.data()}  ({frac:.0%})"
+        split = rect.left() + int(rect.width() * frac)
+        for color, clip in (
+            (QPalette.HighlightedText, rect.adjusted(0, 0, split - rect.right(), 0)),
+            (QPalette.Text, rect.adjusted(split - rect.left(), 0, 0, 0)),
+        ):
+            painter.setClipRect(clip)
+            painter.setPen(pal.color(color))
+            painter.drawText(rect, Qt.AlignCenter, text)
+        painter.restore()
 
 
 class DownloadsView(QWidget):
