@@ -44,6 +44,22 @@ def default_model_path() -> Path:
     return ensure_default_model(progress=lambda *a: None)
 
 
+@pytest.fixture(scope="session")
+def hf_default_gguf(default_model_path):
+    """transformers' fp32 model of the default GGUF (dequantized by transformers), loaded once
+    per session: the reference for real-model tests (loading it takes ~15 s)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    path = default_model_path
+    if path.suffix != ".gguf":
+        pytest.skip("the default model here is not a GGUF file")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, use_kernels=False
+    )
+    return model.eval()
+
+
 @pytest.fixture()
 def latent_home(tmp_path, monkeypatch) -> Path:
     """A private LATENT_HOME for one test (settings, chats, adapters, runs)."""

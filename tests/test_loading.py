@@ -57,16 +57,12 @@ def _hf_logits(hf, ids):
 
 
 @pytest.mark.slow
-def test_default_gguf_matches_transformers(default_model_path):
-    path = default_model_path
-    gguf = path if path.suffix == ".gguf" else next(path.glob("*.gguf"))
-    loaded = engine.load(gguf)
+def test_default_gguf_matches_transformers(default_model_path, hf_default_gguf):
+    loaded = engine.load(default_model_path)
     assert loaded.info.model_type == "llama"
     assert loaded.info.quantization and "Q4_1" in loaded.info.quantization
     assert loaded.config["num_hidden_layers"] == 30 and loaded.config["rope_theta"] == 100000.0
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
-    ).eval()
+    hf = hf_default_gguf
     # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     ids = np.array([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]])
     ref = _hf_logits(hf, ids)

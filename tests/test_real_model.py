@@ -31,18 +31,8 @@ def ours(default_model_path):
 
 
 @pytest.fixture(scope="module")
-def hf(default_model_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_model_path.parent),
-        gguf_file=default_model_path.name,
-        dtype=torch.float32,
-        use_kernels=False,
-    )
-    model.eval()
-    return model
+def hf(hf_default_gguf):
+    return hf_default_gguf  # one transformers load per session (tests/conftest.py)
 
 
 def _ids(loaded, prompt: str) -> list[int]:
