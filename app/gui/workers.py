@@ -142,7 +142,8 @@ class EngineWorker(QObject):
 
     @Slot(int, object, object)
     def generate(self, req: int, messages: object, params: object) -> None:
-        self.cancel_flag.clear()
+        # the flag was cleared when this request was made: a Stop pressed while the request
+        # waited behind a load must still count
         stats: dict = {}
         text = []
         gen = None
@@ -273,6 +274,7 @@ class EngineClient(QObject):
 
     def generate(self, messages: list[dict], params: dict) -> int:
         self._req += 1
+        self.worker.cancel_flag.clear()
         self._set_generating(True)
         self._do_generate.emit(self._req, list(messages), dict(params))
         return self._req
