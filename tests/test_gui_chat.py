@@ -249,3 +249,13 @@ def test_delete_chat_while_it_streams(qtbot, tmp_path):
     send(qtbot, win, "still works?")  # the app carries on in the new chat
     assert contents(win)[-1][1].startswith("Reply 2")
     win.shutdown()
+
+
+def test_new_chat_reuses_an_empty_one(qtbot, tmp_path):
+    win = make_window(qtbot, tmp_path / "c.sqlite")
+    first = win.chat.conv_id
+    assert win.chat.new_conversation() == first  # still empty: no second blank chat
+    send(qtbot, win, "hello")
+    second = win.chat.new_conversation()
+    assert second != first and len(win.store.conversations()) == 2
+    win.shutdown()

@@ -33,7 +33,7 @@ from app.gui.models.conversations import ConversationListModel
 from app.gui.render import code_blocks
 from app.gui.widgets.composer import Composer
 from app.gui.widgets.sampling import GUI_DEFAULTS, SamplingPanel
-from app.gui.widgets.transcript import Transcript, _fmt_stats
+from app.gui.widgets.transcript import Transcript, fmt_stats
 from app.gui.workers import EngineClient
 from app.store import Store
 
@@ -208,6 +208,11 @@ class ChatView(QWidget):
 
     # ---- conversations -------------------------------------------------------------------
     def new_conversation(self) -> int:
+        """Open a new, empty chat (the current one if it is still empty: no pile of blanks)."""
+        if self.conv_id is not None and not self.messages() and not self.client.generating:
+            self.search.clear()
+            self.composer.setFocus()
+            return self.conv_id
         conv = self.store.create_conversation(
             system_prompt=self.store.setting("default_system_prompt", "")
         )
@@ -383,7 +388,7 @@ class ChatView(QWidget):
         self.transcript.end_stream()
         if self.stream_conv == self.conv_id:
             self._reload()
-            self.stats.setText(_fmt_stats(stats) or " ")
+            self.stats.setText(fmt_stats(stats) or " ")
             if context_used is not None:
                 self._set_context(int(context_used))
             if stats.get("finish_reason") == "context":

@@ -18,7 +18,7 @@ from PySide6.QtWidgets import QTextBrowser
 from app.gui.render import render_markdown
 
 
-def _fmt_stats(stats: dict) -> str:
+def fmt_stats(stats: dict) -> str:
     parts = []
     n = stats.get("generated_tokens")
     if n:
@@ -106,7 +106,7 @@ class Transcript(QTextBrowser):
                 actions.append(
                     f'<a href="regen:{i}" style="color:{link}; text-decoration:none;">Regenerate</a>'
                 )
-            meta = _fmt_stats(stats) if role == "assistant" else ""
+            meta = fmt_stats(stats) if role == "assistant" else ""
             parts.append(
                 self._bubble(role, render_markdown(content, dark, i), actions, meta, user_bg, muted)
             )
