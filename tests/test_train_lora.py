@@ -244,6 +244,7 @@ def test_mla_projections_adapted_and_absorbed_decode_sees_the_adapter():
     for k in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
         assert f"self_attn.{k}" in keys
     assert "mlp.shared_experts.down_proj" in keys and not any(k.endswith("gate") for k in keys)
+    assert {"mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"} <= set(keys)
     randomize_adapters(model, seed=5)
     x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     full = model(x)
@@ -273,3 +274,41 @@ def test_fp8_base_gradients_and_fuse():
     got = np.array(fused.dequantized(mx.float32), dtype=np.float64)
     # e4m3 keeps 3 mantissa bits: relative error ≤ 2^-4 of each block's scale-relative magnitude
     assert np.abs(got - target).max() <= 0.0625 * np.abs(target).max()
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_expert_lora_gradients_match_torch(quantized):
+    """Stacked experts: each token goes through its routed expert's base weight and its own A/B."""
+    from engine.layers.moe import QuantizedSwitchLinear, SwitchLinear
+
+    mx.random.seed(0)
+    base = SwitchLinear(64, 40, num_experts=4)
+    if quantized:
+        base = QuantizedSwitchLinear.from_switch_linear(base, group_size=32, bits=4)
+        w64 = np.stack([unpack_affine(np.array(base.weight[e]), np.array(base.scales[e]),
+                                      np.array(base.biases[e]), 4, 32) for e in range(4)])
+    else:
+        w64 = np.array(base.weight, dtype=np.float64)
+    layer = L.LoRASwitchLinear(base, rank=4, scale=1.5)
+    layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+    x = mx.random.normal((10, 1, 64))
+    idx = mx.array([0, 3, 1, 1, 2, 0, 3, 2, 2, 1])
+    g = mx.random.normal((10, 1, 40))
+
+    def loss(params, x):
+        layer.update(params)
+        return (layer(x, idx) * g).sum()
+
+    params = layer.trainable_parameters()
+    gx, gp = mx.grad(loss, argnums=1)(params, x), mx.grad(loss)(params, x)
+    ix = np.array(idx)
+    tx = torch.tensor(np.array(x, dtype=np.float64)[:, 0], requires_grad=True)
+    ta = torch.tensor(np.array(layer.lora_a, dtype=np.float64), requires_grad=True)
+    tb = torch.tensor(np.array(layer.lora_b, dtype=np.float64), requires_grad=True)
+    tw = torch.tensor(w64)
+    y = torch.einsum("ni,noi->no", tx, tw[ix]) + 1.5 * torch.einsum(
+        "nr,nor->no", torch.einsum("ni,nri->nr", tx, ta[ix]), tb[ix])
+    (y * torch.tensor(np.array(g, dtype=np.float64)[:, 0])).sum().backward()
+    np.testing.assert_allclose(np.array(gx)[:, 0], tx.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.array(gp["lora_a"]), ta.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.array(gp["lora_b"]), tb.grad.numpy(), atol=1e-5)

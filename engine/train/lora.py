@@ -190,6 +190,65 @@ class LoRALinear(nn.Module):
         return fused
 
 
+def _is_switch(layer: Any) -> bool:
+    """Stacked experts (engine.layers.moe.SwitchLinear and its quantized/fp8 variants)."""
+    return isinstance(layer, nn.Module) and "weight" in layer and layer["weight"].ndim == 3 and (
+        hasattr(type(layer), "num_experts"))
+
+
+def _switch_weight(layer: nn.Module) -> mx.array:
+    """(E, out, in) float weight of a stacked-experts layer."""
+    if "scales" in layer:
+        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"),
+                             group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    if hasattr(layer, "dequantized"):
+        return layer.dequantized(mx.float32)
+    return layer.weight
+
+
+class LoRASwitchLinear(nn.Module):
+    """LoRA on stacked experts: each expert e gets its own A[e] (r, in) and B[e] (out, r)
+    (mlx-lm's shapes), applied with the same routing indices as the base."""
+
+    def __init__(self, base: nn.Module, rank: int = 8, scale: float = 2.0, dropout: float = 0.0):
+        super().__init__()
+        e, out_dims = base.weight.shape[:2]
+        in_dims = _switch_weight(base).shape[-1] if "scales" in base else base.weight.shape[-1]
+        self.linear = base
+        self.linear.freeze()
+        self.scale = float(scale)
+        self.rank = int(rank)
+        self.dropout = nn.Dropout(p=dropout)
+        bound = 1.0 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (e, rank, in_dims), dtype=mx.float32)
+        self.lora_b = mx.zeros((e, out_dims, rank), dtype=mx.float32)
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        y = self.linear(x, indices, sorted_indices=sorted_indices)
+        z = mx.gather_mm(self.dropout(x).astype(mx.float32), self.lora_a.swapaxes(-1, -2),
+                         rhs_indices=indices, sorted_indices=sorted_indices)
+        z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices,
+                         sorted_indices=sorted_indices)
+        return y + (self.scale * z).astype(y.dtype)
+
+    def delta(self) -> mx.array:
+        return self.scale * (self.lora_b @ self.lora_a)  # (E, out, in)
+
+    def fused(self, dequantize: bool = False) -> nn.Module:
+        from engine.layers.moe import QuantizedSwitchLinear, SwitchLinear
+
+        base = self.linear
+        w = _switch_weight(base)
+        e, out_dims, in_dims = w.shape
+        fused = SwitchLinear(in_dims, out_dims, e, bias="bias" in base)
+        fused.weight = (w.astype(mx.float32) + self.delta()).astype(w.dtype)
+        if "bias" in base:
+            fused.bias = base.bias
+        if "scales" in base and not dequantize:
+            fused = QuantizedSwitchLinear.from_switch_linear(fused, base.group_size, base.bits, base.mode)
+        return fused  # an fp8 expert stack fuses to float experts (no fp8 switch re-quantizer)
+
+
 # --------------------------------------------------------------------------------------------
 # Applying and removing
 
@@ -244,7 +303,7 @@ def apply_lora(
     inside a layer ("self_attn.q_proj"). Returns the in-layer paths adapted (mlx-lm's `keys`).
     Freezes everything except the new adapters.
     """
-    if any(isinstance(m, LoRALinear) for _, m in model.named_modules()):
+    if lora_layers(model):
         raise TrainingError("the model already has an adapter; remove_adapter() first")
     wanted = _resolve_targets(targets)
     n = _check_num_layers(model, num_layers)
@@ -252,8 +311,9 @@ def apply_lora(
     keys: set[str] = set()
     model.freeze()
     for layer in layers[len(layers) - n:]:
-        swaps = [(path, LoRALinear(m, rank, alpha / rank, dropout))
-                 for path, m in layer.named_modules() if is_linear(m) and _matches(path, wanted)]
+        swaps = [(path, (LoRASwitchLinear if _is_switch(m) else LoRALinear)(m, rank, alpha / rank, dropout))
+                 for path, m in layer.named_modules()
+                 if (is_linear(m) or _is_switch(m)) and _matches(path, wanted)]
         if swaps:
             layer.update_modules(tree_unflatten(swaps))
             keys.update(p for p, _ in swaps)
@@ -263,8 +323,8 @@ def apply_lora(
     return sorted(keys)
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRASwitchLinear))]
 
 
 def remove_adapter(model: nn.Module) -> int:

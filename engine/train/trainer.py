@@ -68,7 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     eval_every: int = 50  # 0: only at the start and the end
-    val_batches: int | None = None  # cap on validation batches per eval (None: all)
+    val_batches: int | None = 25  # cap on validation batches per eval (None: all)
     save_every: int = 50
     early_stopping: int | None = None  # stop after this many evals without improvement
     grad_checkpoint: bool = False
