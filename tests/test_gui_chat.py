@@ -13,6 +13,12 @@ from PySide6.QtCore import Qt
 pytestmark = pytest.mark.gui
 
 
+@pytest.fixture(autouse=True)
+def _private_home(latent_home):
+    """Chats, settings, downloads and adapters go to a temp LATENT_HOME, never the user's."""
+    return latent_home
+
+
 def send(qtbot, win, text: str, wait: bool = True) -> None:
     win.chat.composer.setPlainText(text)
     if wait:

@@ -16,6 +16,14 @@ from fake_engine import make_window  # noqa: E402
 from hubserver import HubServer, hub_env  # noqa: E402
 
 pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(autouse=True)
+def _private_home(latent_home):
+    """Chats, settings, downloads and adapters go to a temp LATENT_HOME, never the user's."""
+    return latent_home
+
+
 REPO = "org/tiny-GGUF"
 
 
@@ -112,7 +120,7 @@ def test_inspector_lists_parameters(qtbot, tmp_path):
     win.shutdown()
 
 
-def test_local_models_import_load_forget(qtbot, tmp_path, hub, default_model_path):
+def test_local_models_import_load_forget(qtbot, tmp_path, default_model_path, hub):
     win = make_window(qtbot, tmp_path / "c.sqlite", load=False)
     lib = win.views["library"]
     qtbot.waitUntil(lambda: lib.local.rowCount() == 0, timeout=5000)  # a fresh library

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gui, pytest.mark.slow]
 @pytest.mark.skipif(
     importlib.util.find_spec("engine.session") is None, reason="engine.session has not landed yet"
 )
-def test_real_engine_reply_appears(qtbot, tmp_path, latent_home, default_model_path):
+def test_real_engine_reply_appears(qtbot, tmp_path, default_model_path, latent_home):
     from app.gui.main_window import MainWindow
     from app.store import Store
 

@@ -13,6 +13,13 @@ from PySide6.QtGui import QPalette
 
 pytestmark = pytest.mark.gui
 
+
+@pytest.fixture(autouse=True)
+def _private_home(latent_home):
+    """Chats, settings, downloads and adapters go to a temp LATENT_HOME, never the user's."""
+    return latent_home
+
+
 EMIT_MANY = """
 import app.gui
 from PySide6.QtCore import QObject, Signal

@@ -17,6 +17,12 @@ from app.gui.workers import run_task
 pytestmark = pytest.mark.gui
 
 
+@pytest.fixture(autouse=True)
+def _private_home(latent_home):
+    """Chats, settings, downloads and adapters go to a temp LATENT_HOME, never the user's."""
+    return latent_home
+
+
 class TickRecorder:
     def __init__(self) -> None:
         self.times: list[float] = []
