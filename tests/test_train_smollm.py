@@ -86,3 +86,33 @@ def test_qlora_learns_invented_facts(default_model_path, tmp_path):
     for (_, second), base_text, text in zip(FACTS, r["base_completions"], r["completions"]):
         assert text.strip().startswith(second), (second, text, r)
         assert not base_text.strip().startswith(second)  # the base model could not know it
+
+
+@pytest.mark.slow
+def test_export_of_the_gguf_model_is_a_standalone_folder(default_model_path, tmp_path):
+    """`export` of the GGUF model (Q4_1 + Q8_0 tensors, vocabulary inside the GGUF) writes an
+    MLX-format folder with tokenizer files: it loads on its own with the same tokenizer and the
+    same logits, and mlx-lm reads the same folder (per-layer quantization config) to equal logits."""
+    import mlx.core as mx
+    import numpy as np
+
+    import engine
+    from engine.train.lora import export
+
+    src = engine.load(default_model_path)
+    x = mx.array([src.tokenizer.encode("The lighthouse keeper counts the steps")])
+    want = np.array(src.model(x))
+    export(src.model, default_model_path, tmp_path / "out", config=src.config)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in (tmp_path / "out").iterdir()}
+    again = engine.load(tmp_path / "out")
+    text = "Hello, world! <|im_start|>user\nhi<|im_end|>"
+    assert again.tokenizer.encode(text) == src.tokenizer.encode(text)
+    assert again.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        src.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    np.testing.assert_allclose(np.array(again.model(x)), want, atol=1e-4)
+
+    from mlx_lm.utils import load_model
+
+    theirs, _ = load_model(tmp_path / "out")
+    np.testing.assert_allclose(np.array(theirs(x)), want, atol=1e-3)
