@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 RESOURCES = Path(__file__).resolve().parents[2] / "resources"
@@ -55,11 +56,11 @@ def _smoke() -> int:
     from app.gui.main_window import MainWindow
     from app.store import Store
     from engine.defaults import ensure_default_model
-    from engine.paths import data_dir
 
     app = make_app()
     path = ensure_default_model(progress=lambda *a: None)
-    store = Store(data_dir() / "smoke-test.sqlite")
+    tmp = tempfile.TemporaryDirectory(prefix="latent-smoke-")
+    store = Store(Path(tmp.name) / "chats.sqlite")  # the user's chats are left alone
     win = MainWindow(store=store, autoload=False)
     win.show()
     result = {"rc": 1}
@@ -91,4 +92,6 @@ def _smoke() -> int:
     win.load_model(str(path))
     app.exec()
     win.shutdown()
+    store.close()
+    tmp.cleanup()
     return result["rc"]
