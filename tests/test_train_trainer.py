@@ -243,3 +243,21 @@ def test_warmup_cosine_schedule():
     got = [f(mx.array(s)).item() for s in (0, 9, 10, 60, 110)]
     want = [1e-4, 1e-3, 1e-3, 1e-4 + 0.9e-3 * 0.5, 1e-4]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_full_fine_tuning_saves_a_loadable_adapter(setup, tmp_path):
+    import engine
+
+    loaded = engine.load(setup[0])
+    x = mx.array([loaded.tokenizer.encode("Ada has 3 kites. Bo has")])
+    before = np.array(loaded.model(x))
+    cfg = base_config(setup, tmp_path, model=loaded, fine_tune_type="full", num_layers=1, max_steps=3,
+                      lr=1e-3)
+    events = list(train(cfg))
+    assert events[-1].kind == "done"
+    saved = mx.load(str(tmp_path / "adapter" / L.ADAPTER_WEIGHTS))
+    assert saved and all(k.startswith("model.layers.1.") for k in saved)  # only the last layer
+    trained = np.array(loaded.model(x))
+    assert np.abs(trained - before).max() > 1e-3
+    again = engine.load(setup[0], adapter=tmp_path / "adapter")
+    np.testing.assert_allclose(np.array(again.model(x)), trained, atol=1e-5)
