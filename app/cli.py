@@ -12,7 +12,7 @@ import sys
 
 COMMANDS = (
     "generate", "chat", "search", "download", "models", "rm", "finetune", "pretrain",
-    "quantize", "inspect", "serve", "bench",
+    "quantize", "inspect", "serve", "bench", "hosts",
 )
 
 
