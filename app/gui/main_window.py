@@ -168,6 +168,7 @@ class MainWindow(QMainWindow):
         self.model_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.model_combo.setMinimumContentsLength(24)
         self.model_combo.setToolTip("Models on this computer")
+        self.model_combo.setPlaceholderText("No models yet: see Library")
         bar.addWidget(self.model_combo)
         self.load_btn = QPushButton("Load")
         self.load_btn.clicked.connect(self.load_selected)

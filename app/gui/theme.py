@@ -56,6 +56,8 @@ def _light_palette() -> QPalette:
     }
     for role, col in c.items():
         p.setColor(role, QColor(col))
+    for role in (QPalette.ButtonText, QPalette.Text, QPalette.WindowText):
+        p.setColor(QPalette.Disabled, role, QColor("#a0a4ab"))
     return p
 
 

@@ -70,7 +70,10 @@ class SettingsView(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(12, 8, 12, 8)
         lay.addWidget(title)
-        lay.addLayout(form)
+        box = QWidget()
+        box.setMaximumWidth(820)
+        box.setLayout(form)
+        lay.addWidget(box)
         lay.addWidget(self.note)
         lay.addStretch(1)
 
