@@ -125,6 +125,8 @@ class MainWindow(QMainWindow):
         self.status = QLabel("No model loaded")
         self.statusBar().addPermanentWidget(self.status)
         QShortcut(QKeySequence("Ctrl+N"), self).activated.connect(self.new_chat)
+        QShortcut(QKeySequence("Ctrl+F"), self).activated.connect(self._find_chat)
+        QShortcut(QKeySequence("Ctrl+Shift+R"), self).activated.connect(self.chat.regenerate)
         self.nav.setCurrentRow(0)
         if autoload:
             self.start()
@@ -152,6 +154,11 @@ class MainWindow(QMainWindow):
     def new_chat(self) -> None:
         self.show_view("chat")
         self.chat.new_conversation()
+
+    def _find_chat(self) -> None:
+        self.show_view("chat")
+        self.chat.search.setFocus()
+        self.chat.search.selectAll()
 
     def show_error(self, message: str) -> None:
         self.banner.show_message(message, "error")
