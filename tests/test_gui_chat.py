@@ -2,7 +2,8 @@
 sending streams text into the transcript; Stop (Esc) ends the reply within one token;
 Regenerate and Edit replace the right messages and send the right history; the system prompt
 and sampling settings reach the engine; history survives a new window on the same database;
-the context limit is shown; engine errors land in a banner and the app stays usable."""
+the context limit is shown; engine errors land in a banner and the app stays usable; the
+incremental streaming render shows exactly what a full render shows."""
 
 from __future__ import annotations
 
@@ -265,3 +266,20 @@ def test_new_chat_reuses_an_empty_one(qtbot, tmp_path):
     second = win.chat.new_conversation()
     assert second != first and len(win.store.conversations()) == 2
     win.shutdown()
+
+
+def test_incremental_stream_render_matches_full_render(qtbot):
+    from app.gui.widgets.transcript import Transcript
+
+    t = Transcript()
+    qtbot.addWidget(t)
+    body = "Some **bold** text and a list:\n\n- a\n- b\n\n```python\nprint(1)\n```\n"
+    t.set_messages([("user" if i % 2 == 0 else "assistant", f"{body}{i}", {}) for i in range(8)])
+    t.begin_stream()
+    for chunk in ("Partial ", "reply with `code` and\n\n```py\nx = 1", "\n```\nmore"):
+        t.append_stream(chunk)
+        t.render_stream()  # only the streaming bubble is replaced
+        incremental = t.toPlainText()
+        t.render()  # the whole document from scratch
+        assert incremental == t.toPlainText()
+    assert "x = 1" in t.toPlainText() and t.toPlainText().count("print(1)") == 8
