@@ -108,7 +108,11 @@ def rope_inv_freq(dims: int, config: dict[str, Any]) -> tuple[np.ndarray, float,
     if kind == "linear":
         pos_scale = 1.0 / float(p["factor"])
     elif kind == "llama3":
-        factor, lo, hi = float(p["factor"]), float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+        factor, lo, hi = (
+            float(p["factor"]),
+            float(p.get("low_freq_factor", 1.0)),
+            float(p.get("high_freq_factor", 4.0)),
+        )
         old = float(p.get("original_max_position_embeddings") or config["max_position_embeddings"])
         wl = 2 * math.pi / inv
         scaled = np.where(wl > old / lo, inv / factor, inv)
@@ -133,8 +137,10 @@ def rope_inv_freq(dims: int, config: dict[str, Any]) -> tuple[np.ndarray, float,
         if p.get("attention_factor") is not None:
             mag = float(p["attention_factor"])
         else:
+
             def ms(s: float, m: float = 1.0) -> float:
                 return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
             m, mad = p.get("mscale"), p.get("mscale_all_dim")
             mag = ms(factor, m) / ms(factor, mad) if (m and mad) else ms(factor)
     elif kind not in ("default", "dynamic"):
@@ -144,7 +150,9 @@ def rope_inv_freq(dims: int, config: dict[str, Any]) -> tuple[np.ndarray, float,
     return inv, pos_scale, mag
 
 
-def apply_rope(x: np.ndarray, positions: np.ndarray, rope: tuple, dims: int, interleaved: bool) -> np.ndarray:
+def apply_rope(
+    x: np.ndarray, positions: np.ndarray, rope: tuple, dims: int, interleaved: bool
+) -> np.ndarray:
     """x (H, L, D): rotate the first `dims` features; interleaved pairs or half-split."""
     inv, pos_scale, mag = rope
     ang = (positions.astype(np.float64) * pos_scale)[:, None] * inv[None]  # (L, dims/2)
@@ -182,8 +190,15 @@ def sinusoidal(positions: np.ndarray, dims: int, base: float = 10000.0) -> np.nd
 # ------------------------------------------------------------------------------- attention
 
 
-def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, bias: np.ndarray | None,
-           causal: bool = True, window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def attend(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    scale: float,
+    bias: np.ndarray | None,
+    causal: bool = True,
+    window: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """q (H, L, D), k/v (Hkv, L, ·) -> (out (H, L, Dv), probs (H, L, L)); GQA by repeating K/V."""
     H, L, _ = q.shape
     rep = H // k.shape[0]
@@ -210,7 +225,14 @@ def _llama(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult
     eps = config.get("rms_norm_eps", 1e-6)
     L = len(ids)
     pos = np.arange(L)
-    rot = int(hd * float(rope_params(config).get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0)))
+    rot = int(
+        hd
+        * float(
+            rope_params(config).get(
+                "partial_rotary_factor", config.get("partial_rotary_factor") or 1.0
+            )
+        )
+    )
     rope = rope_inv_freq(rot, config)
     window = config.get("sliding_window") if config.get("use_sliding_window") is not False else None
     n_layers = config["num_hidden_layers"]
@@ -292,7 +314,11 @@ def _tiny(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult:
     elif pe == "learned":
         x = x + w["positions.weight"][:L]
     res = RefResult(hidden=[x], final=x, logits=x)
-    rope = rope_inv_freq(hd, {"rope_theta": config.get("rope_theta", 10000.0)}) if pe == "rope" else None
+    rope = (
+        rope_inv_freq(hd, {"rope_theta": config.get("rope_theta", 10000.0)})
+        if pe == "rope"
+        else None
+    )
     bias = None
     if pe == "alibi":
         dist = (pos[:, None] - pos[None]).astype(np.float64)
@@ -301,7 +327,7 @@ def _tiny(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult:
     for i in range(config["num_layers"]):
         p = f"layers.{i}."
 
-        def attn_fn(h: np.ndarray) -> np.ndarray:
+        def attn_fn(h: np.ndarray, p: str = p) -> np.ndarray:
             q = linear(h, w, p + "attn.q_proj").reshape(L, H, hd).transpose(1, 0, 2)
             k = linear(h, w, p + "attn.k_proj").reshape(L, Hkv, hd).transpose(1, 0, 2)
             v = linear(h, w, p + "attn.v_proj").reshape(L, Hkv, hd).transpose(1, 0, 2)
@@ -312,7 +338,7 @@ def _tiny(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult:
                 res.attention.append(probs)
             return linear(o.transpose(1, 0, 2).reshape(L, -1), w, p + "attn.o_proj")
 
-        def ffn_fn(h: np.ndarray) -> np.ndarray:
+        def ffn_fn(h: np.ndarray, p: str = p) -> np.ndarray:
             if config.get("ffn", "dense") == "dense":
                 return linear(act("gelu", linear(h, w, p + "ffn.up_proj")), w, p + "ffn.down_proj")
             k_top = config.get("top_k", 2)
@@ -344,12 +370,25 @@ def _tiny(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult:
 _FORWARDS = {"llama": _llama, "qwen2": _llama, "qwen3": _llama, "gpt2": _gpt2, "tiny": _tiny}
 
 
-def reference_forward(config: dict[str, Any], weights: dict[str, np.ndarray], ids: Any,
-                      want_attention: bool = False) -> RefResult:
+def reference_forward(
+    config: dict[str, Any], weights: dict[str, np.ndarray], ids: Any, want_attention: bool = False
+) -> RefResult:
     """float64 forward of one sequence `ids` (L,) for the family named by config["model_type"]."""
     family = family_of(config.get("model_type", ""))
     fn = _FORWARDS.get(family)
     if fn is None:
-        raise ValueError(f"reference: model_type {config.get('model_type')!r} not covered; covered: {', '.join(FAMILIES)}")
-    w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
-    return fn(config, w, np.asarray(ids, dtype=np.int64), want_attention)
+        raise ValueError(
+            f"reference: model_type {config.get('model_type')!r} not covered; covered: {', '.join(FAMILIES)}"
+        )
+    return fn(config, _Float64(weights), np.asarray(ids, dtype=np.int64), want_attention)
+
+
+class _Float64(dict):
+    """Read-only view that hands out each tensor as float64 when read, so a large model's
+    weights are never held twice in float64 (anything with the array protocol is accepted)."""
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.asarray(super().__getitem__(key), dtype=np.float64)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default

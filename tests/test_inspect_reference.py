@@ -42,13 +42,22 @@ CASES = {
     "llama-gqa": lambda: _llama(),
     "llama-tied-mha": lambda: _llama(num_key_value_heads=4, tie_word_embeddings=True),
     "llama3-rope": lambda: _llama(
-        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
-                         "rope_theta": 500.0}
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+            "rope_theta": 500.0,
+        }
     ),
     "yarn-rope": lambda: _llama(
-        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                         "original_max_position_embeddings": 16}
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "rope_theta": 10000.0,
+            "original_max_position_embeddings": 16,
+        }
     ),
     "mistral-window": lambda: (
         transformers.MistralConfig(**{**BASE, "num_key_value_heads": 1, "sliding_window": 4}),
@@ -90,8 +99,12 @@ def float64_rmsnorm(monkeypatch):
     from transformers.models.qwen2 import modeling_qwen2
     from transformers.models.qwen3 import modeling_qwen3
 
-    for mod, name in ((modeling_llama, "LlamaRMSNorm"), (modeling_mistral, "MistralRMSNorm"),
-                      (modeling_qwen2, "Qwen2RMSNorm"), (modeling_qwen3, "Qwen3RMSNorm")):
+    for mod, name in (
+        (modeling_llama, "LlamaRMSNorm"),
+        (modeling_mistral, "MistralRMSNorm"),
+        (modeling_qwen2, "Qwen2RMSNorm"),
+        (modeling_qwen3, "Qwen3RMSNorm"),
+    ):
         monkeypatch.setattr(getattr(mod, name), "forward", _rms_forward_keep_dtype)
 
 
@@ -104,8 +117,9 @@ def test_reference_equals_transformers_float64(case, float64_rmsnorm):
     ids = np.random.default_rng(1).integers(0, 64, size=11)
     with torch.no_grad():
         out = model(torch.tensor(ids[None]), output_hidden_states=True)
-    ref = reference_forward(cfg.to_dict(), engine_named_weights(model, cfg.model_type), ids,
-                            want_attention=True)
+    ref = reference_forward(
+        cfg.to_dict(), engine_named_weights(model, cfg.model_type), ids, want_attention=True
+    )
     hf_hidden = [h[0].numpy() for h in out.hidden_states]
     tol = 1e-10 if cfg.model_type == "gpt2" else 1e-6
     # HF's last hidden state is after the final norm; the ones before are the residual stream
@@ -115,6 +129,10 @@ def test_reference_equals_transformers_float64(case, float64_rmsnorm):
     assert np.abs(ref.logits - out.logits[0].numpy()).max() < tol
     assert len(ref.attention) == len(hf_hidden) - 1
     for p in ref.attention:
-        assert p.shape == (cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head, 11, 11)
+        assert p.shape == (
+            cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head,
+            11,
+            11,
+        )
         np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-12)
         assert np.all(np.triu(p, k=1) == 0.0)
