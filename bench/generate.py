@@ -226,6 +226,7 @@ def benchmark(
             k: common.median([x[k] for x in ok])
             for k in ("ttft_s", "prefill_tps", "decode_tps", "peak_rss_bytes", "weight_bytes")
         }
+        summary[name]["n"] = len(ok)
     return {"prompt_tokens": len(ids), "new_tokens": n_new, "runs": runs, "summary": summary}
 
 
@@ -233,23 +234,28 @@ def report(res: dict, limits: dict) -> str:
     s = res["summary"]
     lines = [
         f"prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens greedy, "
-        f"median of {res['runs']} alternating runs",
+        f"medians of {res['runs']} alternating rounds (n = runs that completed)",
         "",
-        "| setup | prefill tok/s | decode tok/s | TTFT s | peak RSS MiB | weights MiB | decode limit tok/s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| setup | n | prefill tok/s | decode tok/s | TTFT s | peak RSS MiB | weights MiB "
+        "| decode limit tok/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, v in s.items():
         if "error" in v:
-            lines.append(f"| {name} | error: {v['error']} | | | | | |")
+            lines.append(f"| {name} | 0 | error: {v['error']} | | | | | |")
             continue
         limit = limits["copy_gbs"] * 1e9 / v["weight_bytes"] if v["weight_bytes"] else float("nan")
         lines.append(
-            f"| {name} | {v['prefill_tps']:.1f} | {v['decode_tps']:.1f} | {v['ttft_s']:.2f} | "
+            f"| {name} | {v['n']} | {v['prefill_tps']:.1f} | {v['decode_tps']:.1f} | {v['ttft_s']:.2f} | "
             f"{v['peak_rss_bytes'] / 2**20:.0f} | {v['weight_bytes'] / 2**20:.0f} | {limit:.0f} |"
         )
     base = s.get("mlx-lm-fp32", {})
     if "decode_tps" in base:
-        lines += ["", "Ratios vs mlx-lm-fp32 (higher is better for ours; RSS lower is better):", ""]
+        lines += [
+            "",
+            "Ours / mlx-lm-fp32 (tok/s: above 1 is faster; TTFT and RSS: below 1 is better):",
+            "",
+        ]
         for name, v in s.items():
             if name == "mlx-lm-fp32" or "error" in v:
                 continue
