@@ -6,6 +6,7 @@ Setups (each run in a fresh subprocess, so peak RSS is per engine; rounds altern
 - `ours-gguf`: our engine on the GGUF file as shipped (Q4_1 + Q8_0 tensors kept quantized);
 - `ours-fp32`: our engine on an fp32 safetensors folder dequantized from the same GGUF;
 - `mlx-lm-fp32`: mlx-lm on that same folder (its default dtype for fp32 weights);
+- `mlx-lm-fp32-refblas` (`--with-refblas`): mlx-lm as a user runs it, on MLX's bundled BLAS;
 - `llama.cpp`: llama-cpp-python on the GGUF, only where `llama_cpp` is importable.
 Every setup gets the same prompt ids and greedy decoding of exactly `new-tokens` tokens (EOS
 does not stop it). OpenBLAS is preloaded for every MLX process alike (see engine/blas.py);
@@ -192,7 +193,13 @@ def llama_cpp_available() -> bool:
 
 
 def benchmark(
-    gguf: str, runs: int, n_prompt: int, n_new: int, openblas: bool = True, setups=None
+    gguf: str,
+    runs: int,
+    n_prompt: int,
+    n_new: int,
+    openblas: bool = True,
+    setups=None,
+    refblas: bool = False,
 ) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="latent-bench-"))
     fp32 = write_fp32_folder(gguf, tmp / "fp32")
@@ -200,20 +207,22 @@ def benchmark(
     ids_file = tmp / "ids.json"
     ids_file.write_text(json.dumps(ids))
     plan = {
-        "ours-gguf": ("ours", gguf),
-        "ours-fp32": ("ours", str(fp32)),
-        "mlx-lm-fp32": ("mlx-lm", str(fp32)),
+        "ours-gguf": ("ours", gguf, openblas),
+        "ours-fp32": ("ours", str(fp32), openblas),
+        "mlx-lm-fp32": ("mlx-lm", str(fp32), openblas),
     }
+    if refblas:  # mlx-lm exactly as a user runs it: MLX's bundled reference BLAS
+        plan["mlx-lm-fp32-refblas"] = ("mlx-lm", str(fp32), False)
     if llama_cpp_available():
-        plan["llama.cpp"] = ("llama.cpp", gguf)
+        plan["llama.cpp"] = ("llama.cpp", gguf, False)
     if setups:
         plan = {k: v for k, v in plan.items() if k in setups}
     results: dict[str, list[dict]] = {k: [] for k in plan}
     for r in range(runs):
         order = list(plan) if r % 2 == 0 else list(reversed(plan))  # alternate
         for name in order:
-            kind, path = plan[name]
-            res = run_worker(kind, path, str(ids_file), n_new, openblas)
+            kind, path, blas = plan[name]
+            res = run_worker(kind, path, str(ids_file), n_new, blas)
             print(f"  round {r + 1} {name}: {res}", file=sys.stderr, flush=True)
             results[name].append(res)
     summary = {}
@@ -277,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-openblas", action="store_true")
+    ap.add_argument("--with-refblas", action="store_true", help="add mlx-lm on the reference BLAS")
     ap.add_argument("--setups", nargs="*", help="subset of setups to run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -292,7 +302,13 @@ def main(argv: list[str] | None = None) -> int:
 
     gguf = args.model or str(ensure_default_model(progress=lambda *a: None))
     res = benchmark(
-        gguf, args.runs, args.prompt_tokens, args.new_tokens, not args.no_openblas, args.setups
+        gguf,
+        args.runs,
+        args.prompt_tokens,
+        args.new_tokens,
+        not args.no_openblas,
+        args.setups,
+        args.with_refblas,
     )
     print(report(res, {"copy_gbs": common.copy_bandwidth_gbs()}))
     return 0
