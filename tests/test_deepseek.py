@@ -287,3 +287,20 @@ def test_affine_quantized_checkpoint_roundtrip(tmp_path):
     want = _logits(loaded.__class__(model, None, {}, qfolder, loaded.info))
     np.testing.assert_allclose(_logits(loaded), want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(_stepwise(loaded.model), want, atol=1e-4, rtol=0)
+
+
+def test_generate_step_with_latent_cache_matches_uncached_greedy(tmp_path):
+    """The generation loop (chunked prefill, then decode) over a latent cache picks the same greedy
+    tokens as re-running the whole sequence without a cache at every step."""
+    from engine.generate import generate_step
+
+    folder, _ = make_checkpoint(
+        tmp_path, "deepseek_v3", n_group=2, topk_group=1, first_k_dense_replace=1
+    )
+    model = engine.load(folder, dtype="float32").model
+    prompt = TOKENS[0][:7]
+    seq = list(prompt)
+    for _ in range(6):
+        seq.append(int(mx.argmax(model(mx.array([seq]))[0, -1]).item()))
+    steps = generate_step(model, prompt, model.make_cache(), prefill_chunk=3, max_tokens=6)
+    assert [tok for tok, _ in steps] == seq[7:]

@@ -10,7 +10,8 @@ Every config key that changes the math is read here; `sanitize` stacks per-exper
 `mlp.switch_mlp.*`, drops what inference does not use (multi-token-prediction layers, rotary
 tables) and checks the checkpoint's dimensions against the config, naming the key at fault.
 Router semantics follow DeepSeek's reference code: V2 scales only un-normalised weights by
-`routed_scaling_factor`; V3 normalises (if asked) and then scales.
+`routed_scaling_factor`; V3 normalises (if asked) and then scales. (transformers' V2 ignores
+`norm_topk_prob`; both released V2 checkpoints set it false, where all three agree.)
 """
 
 from __future__ import annotations
