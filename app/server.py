@@ -156,10 +156,19 @@ class EngineQueue:
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._current: _Job | None = None
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="latent-server-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._ensure_worker()
+
+    def _ensure_worker(self) -> None:
+        # An ASGI lifespan may shut the app down and start it again in one process (test
+        # clients do); a request after that must find a worker, not wait forever.
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="latent-server-engine", daemon=True)
+                self._thread.start()
 
     def submit(self, job: _Job) -> None:
+        self._ensure_worker()
         self._jobs.put(job)
 
     def cancel(self, job: _Job) -> None:
@@ -169,7 +178,11 @@ class EngineQueue:
                 self.engine.cancel()
 
     def close(self) -> None:
+        """Let the worker finish its current job and exit; a later submit starts a new one."""
         self._jobs.put(None)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
 
     def _emit(self, job: _Job, item: Any) -> None:
         try:

@@ -7,6 +7,7 @@ and answered 500.
 from __future__ import annotations
 
 import mlx.core as mx
+import pytest
 
 from app.server import is_loopback
 from engine.sampling import make_sampler
@@ -25,3 +26,29 @@ def test_any_int64_seed_samples_reproducibly():
     first = make_sampler(1.0, 0, 1.0, 0.0, -7)
     again = make_sampler(1.0, 0, 1.0, 0.0, -7)
     assert [first(logprobs).item() for _ in range(8)] == [again(logprobs).item() for _ in range(8)]
+
+
+@pytest.mark.timeout(60)
+def test_queue_survives_an_app_shutdown_and_restart():
+    """A lifespan shutdown closes the worker; the next request must still be served."""
+    from fastapi.testclient import TestClient
+
+    from app.server import create_app
+    from engine.generate import Event
+    from engine.sampling import SamplingParams
+
+    class OneWordEngine:  # stands in for the engine; the queue and HTTP layer are under test
+        def generation_defaults(self):
+            return SamplingParams()
+
+        def cancel(self):
+            pass
+
+        def complete(self, prompt, params):
+            yield Event(text="word", token_id=1, done=True, stats=None)
+
+    app = create_app(OneWordEngine(), "m")
+    for _ in range(2):
+        with TestClient(app) as client:  # each `with` runs startup and shutdown
+            r = client.post("/v1/completions", json={"prompt": "x"}, timeout=10)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == "word"
