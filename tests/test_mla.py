@@ -176,3 +176,25 @@ def test_softmax_scale_yarn_formula():
     mscale = 0.1 * 0.707 * math.log(40) + 1
     assert mla_softmax_scale(192, cfg) == pytest.approx(192**-0.5 * mscale**2, rel=1e-12)
     assert mla_softmax_scale(192, {"rope_theta": 10000}) == pytest.approx(192**-0.5)
+
+
+@pytest.mark.parametrize("kind", ["affine4", "fp8"])
+def test_paths_agree_with_quantized_kv_b_proj(kind):
+    """With kv_b_proj quantized (MLX affine, or fp8 blocks as in DeepSeek-V3 checkpoints), the
+    absorbed path (which dequantizes the weight) and the materialised path (which calls the layer)
+    still agree."""
+    attn = _attn()
+    if kind == "affine4":
+        attn.kv_b_proj = nn.QuantizedLinear.from_linear(attn.kv_b_proj, group_size=32, bits=4)
+    else:
+        from engine.quant.fp8 import Fp8Linear, quantize_fp8_blocks
+
+        fp8 = Fp8Linear(32, 4 * (16 + 12), block=(16, 16))
+        fp8.weight, fp8.weight_scale_inv = quantize_fp8_blocks(attn.kv_b_proj.weight, (16, 16))
+        attn.kv_b_proj = fp8
+    x = mx.random.normal((1, 6, 48))
+    ref = _run(attn, x, "materialized")
+    cache = LatentCache(32, 32)
+    _run(attn, x[:, :5], "materialized", cache)
+    out = _run(attn, x[:, 5:], "absorbed", cache)
+    np.testing.assert_allclose(np.array(out), np.array(ref[:, 5:]), atol=1e-5, rtol=0)
