@@ -322,7 +322,7 @@ def _tiny(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult:
     bias = None
     if pe == "alibi":
         dist = (pos[:, None] - pos[None]).astype(np.float64)
-        bias = -alibi_slopes(H)[:, None, None] * dist[None]
+        bias = -alibi_slopes(H)[:, None, None] * np.abs(dist)[None]
     pre, resid = config.get("pre_norm", True), config.get("residual", True)
     for i in range(config["num_layers"]):
         p = f"layers.{i}."
