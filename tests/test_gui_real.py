@@ -40,4 +40,7 @@ def test_real_engine_reply_appears(qtbot, tmp_path, default_model_path, latent_h
     qtbot.waitUntil(lambda: ins.model.rowCount() > 0, timeout=30_000)
     names = [r[0] for r in ins.model.rows]
     assert sum(n.endswith("self_attn.q_proj.weight") for n in names) == 30
+    # KV bytes per token from FACTS.md's shape: 2 (K, V) x 30 layers x 3 KV heads x 64 dims
+    dtype_bytes = 2 if info["dtype"] in ("float16", "bfloat16") else 4
+    assert f"{2 * 30 * 3 * 64 * dtype_bytes / 1000:.0f} KB per token" in ins.summary.text()
     win.shutdown()

@@ -122,6 +122,9 @@ class MainWindow(QMainWindow):
         outer.addLayout(body, 1)
         self.setCentralWidget(central)
         self._build_toolbar()
+        from app.gui.about import install_about  # Help > About (packaging's part)
+
+        install_about(self)
         self.status = QLabel("No model loaded")
         self.statusBar().addPermanentWidget(self.status)
         QShortcut(QKeySequence("Ctrl+N"), self).activated.connect(self.new_chat)

@@ -92,7 +92,7 @@ class EngineWorker(QObject):
     finished = Signal(int, object)  # request id, dict of stats (+ "context_used")
     failed = Signal(int, str)
     counted = Signal(int, int)  # tag (e.g. a conversation id), tokens
-    inspected = Signal(object)  # list of (name, shape, dtype, nbytes)
+    inspected = Signal(object)  # {"rows": [(name, shape, format, bytes, part)], "summary": {}}
 
     def __init__(self, factory: Callable[[], Any]) -> None:
         super().__init__()
@@ -185,25 +185,43 @@ class EngineWorker(QObject):
 
     @Slot()
     def inspect(self) -> None:
-        rows: list = []
+        """The parameter table: `engine.inspect.storage` when it exists, else tree_flatten."""
+        out: dict = {"rows": [], "summary": {}}
+        loaded = getattr(self.engine, "loaded", None) or getattr(self.engine, "_loaded", None)
+        model = getattr(loaded, "model", None)
+        if model is None:
+            self.inspected.emit(out)
+            return
         try:
-            from mlx.utils import tree_flatten
+            from engine.inspect import storage
 
-            loaded = getattr(self.engine, "loaded", None) or getattr(self.engine, "_loaded", None)
-            model = getattr(loaded, "model", None)
-            if model is not None:
-                for name, arr in tree_flatten(model.parameters()):
-                    rows.append(
-                        (
-                            name,
-                            tuple(arr.shape),
-                            str(arr.dtype).replace("mlx.core.", ""),
-                            int(arr.nbytes),
-                        )
-                    )
-        except Exception as e:  # noqa: BLE001
-            rows = [("error", (), error_text(e), 0)]
-        self.inspected.emit(rows)
+            st = storage(loaded)
+            out["rows"] = [
+                (r.name, tuple(r.shape), r.format, int(r.bytes), r.part) for r in st.rows
+            ]
+            out["summary"] = {
+                k: getattr(st, k)
+                for k in (
+                    "totals",
+                    "total_bytes",
+                    "n_layers",
+                    "n_heads",
+                    "kv_bytes_per_token",
+                    "kv_bytes_per_token_full",
+                    "kv_kind",
+                )
+            }
+        except Exception:  # noqa: BLE001 - no engine.inspect yet, or a model it cannot read
+            try:
+                from mlx.utils import tree_flatten
+
+                out["rows"] = [
+                    (name, tuple(a.shape), str(a.dtype).replace("mlx.core.", ""), int(a.nbytes), "")
+                    for name, a in tree_flatten(model.parameters())
+                ]
+            except Exception as e:  # noqa: BLE001
+                out["rows"] = [("error", (), error_text(e), 0, "")]
+        self.inspected.emit(out)
 
 
 class EngineClient(QObject):

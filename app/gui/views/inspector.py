@@ -1,7 +1,8 @@
-"""Inspector: what the loaded model stores, one row per parameter (name, shape, dtype, bytes).
+"""Inspector: what the loaded model stores, one row per tensor (name, shape, storage format,
+part, bytes), totals by part and the KV-cache cost per token.
 
-The table comes from the engine thread (`EngineClient.inspect`, `mlx.utils.tree_flatten` of
-the model's parameters); this view only shows it. Attention maps and router captures come later.
+The table comes from the engine thread (`EngineClient.inspect`: `engine.inspect.storage`, or
+`mlx.utils.tree_flatten` of the parameters when that is missing); this view only shows it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class ParameterTableModel(RecordTableModel):
     columns = [
         ("Parameter", lambda r: r[0]),
         ("Shape", lambda r: " × ".join(str(d) for d in r[1])),
-        ("Dtype", lambda r: r[2]),
+        ("Format", lambda r: r[2]),
+        ("Part", lambda r: r[4] if len(r) > 4 else ""),
         ("Bytes", lambda r: human_bytes(r[3]) or "0 B"),
     ]
 
@@ -73,17 +75,29 @@ class InspectorView(QWidget):
     def refresh(self) -> None:
         self.window.client.inspect()
 
-    def _on_rows(self, rows: list) -> None:
+    def _on_rows(self, result: Any) -> None:
+        rows = result.get("rows", []) if isinstance(result, dict) else list(result or [])
+        summary = result.get("summary", {}) if isinstance(result, dict) else {}
         self.model.set_rows(rows)
         info = self.window.client.info or {}
         if not rows:
             self.summary.setText("Load a model to see what it stores.")
             return
         total = sum(r[3] for r in rows)
-        self.summary.setText(
-            f"{info.get('name', 'model')}: {len(rows):,} tensors, {human_bytes(total)} as stored"
-            + (f", {info['quantization']}" if info.get("quantization") else "")
-        )
+        lines = [
+            f"<b>{info.get('name', 'model')}</b>: {len(rows):,} tensors, {human_bytes(total)} as "
+            "stored" + (f", {info['quantization']}" if info.get("quantization") else "")
+        ]
+        parts = {k: v for k, v in (summary.get("totals") or {}).items() if v}
+        if parts:
+            lines.append(" · ".join(f"{k} {human_bytes(v)}" for k, v in parts.items()))
+        if summary.get("kv_bytes_per_token"):
+            kv, full = summary["kv_bytes_per_token"], summary.get("kv_bytes_per_token_full") or 0
+            text = f"KV cache: {human_bytes(kv)} per token ({summary.get('kv_kind', '')})"
+            if full and full != kv:
+                text += f", vs {human_bytes(full)} with full per-head K and V ({full / kv:.1f}×)"
+            lines.append(text)
+        self.summary.setText("<br>".join(lines))
 
 
 def make_view(window: Any) -> QWidget:
