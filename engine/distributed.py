@@ -19,8 +19,9 @@ We use MLX's own distributed layer (`mx.distributed`, ring backend over TCP) and
   one `error:` line and exits with `EXIT_PEER_LOST`.
 - small collectives on top of send/recv/all_sum: `broadcast_tree`, `broadcast_json`,
   `all_sum_tree`, and `ring_allreduce_bytes` (what a ring all-reduce moves per rank).
+- `DataParallel(group)`: what the trainer calls to shard batches, sum gradients and agree.
 
-It does not know models, training or front ends (engine/pipeline.py, engine/train/ use it).
+It does not know models, training loops or front ends (engine/pipeline.py, engine/train/ use it).
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ def launch(hosts: Hosts, argv: list[str], python: str | None = None) -> int:
         json.dump(hosts.to_mlx(), f)
     py = python or next((h.python for h in hosts.hosts if h.python), None) or sys.executable
     cmd = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
-           "--hostfile", name, "--backend", "ring", "--python", py, "--cwd", os.getcwd(), "--", *argv]
+           "--hostfile", name, "--backend", "ring", "--python", py, "--cwd", os.getcwd(),
+           "--starting-port", str(free_ports(1)[0]), "--", *argv]
     try:
         return subprocess.call(cmd)
     finally:
@@ -273,7 +275,7 @@ def default_timeout() -> float:
 def all_sum_tree(tree: Any, group: mx.distributed.Group, what: str = "gradients",
                  timeout: float | None = None) -> Any:
     """Element-wise sum of a tree of arrays over all ranks (evaluated), under a watchdog."""
-    flat = tree_flatten(tree)
+    flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])
     summed = [(k, mx.distributed.all_sum(v, group=group)) for k, v in flat]
     with guard(default_timeout() if timeout is None else timeout, what):
         mx.eval([v for _, v in summed])
@@ -282,8 +284,11 @@ def all_sum_tree(tree: Any, group: mx.distributed.Group, what: str = "gradients"
 
 def broadcast_tree(tree: Any, group: mx.distributed.Group, root: int = 0, what: str = "weights") -> Any:
     """Rank `root`'s values of a tree whose structure and shapes every rank already shares."""
-    flat = tree_flatten(tree)
+    flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])  # same order on every rank
     me = group.rank()
+    layout = [[k, list(v.shape), str(v.dtype)] for k, v in flat]
+    if broadcast_json(layout, group, root) != layout:
+        raise DistributedError(f"rank {me}: {what} differ in layout from rank {root}'s")
     out = []
     for k, v in flat:
         v = v if me == root else mx.zeros_like(v)
@@ -311,3 +316,58 @@ def broadcast_json(obj: Any, group: mx.distributed.Group, root: int = 0) -> Any:
 def ring_allreduce_bytes(payload_bytes: int, n: int) -> int:
     """Bytes each rank sends in a ring all-reduce of `payload_bytes`: 2(n-1)/n of it."""
     return 0 if n <= 1 else int(2 * (n - 1) * payload_bytes // n)
+
+
+# --- data-parallel training ---------------------------------------------------------------------
+
+
+class DataParallel:
+    """One rank's view of a data-parallel fine-tune (used by engine/train/trainer.py).
+
+    Every rank builds the same dataset and starts from the same adapter; each step's chunks are
+    split across ranks (`shard`), each rank sums its own gradients, loss and token counts, and
+    `reduce` adds them up over the ring (`all_sum`), so every rank divides the same totals and
+    applies the same update as one process with the whole batch. Rank 0 alone writes files.
+    """
+
+    def __init__(self, group: mx.distributed.Group):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: list) -> list:
+        return batch[self.rank :: self.size]
+
+    def reduce(self, grads: Any, like: Any, loss_sum: float, count: float, n_tokens: int):
+        """(grads, loss_sum, count, n_tokens) summed over ranks; `like` shapes a rank's zero grads."""
+        if grads is None:  # this rank had no chunk this step
+            grads = tree_unflatten([(k, mx.zeros_like(v)) for k, v in tree_flatten(like)])
+        stats = mx.array([loss_sum, count, n_tokens], dtype=mx.float32)
+        grads, stats = all_sum_tree((grads, stats), self.group, "the other ranks' gradients")
+        loss_sum, count, n_tokens = stats.tolist()
+        return grads, loss_sum, count, int(round(n_tokens))
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any (a cancel seen by one stops all)."""
+        x = mx.distributed.all_sum(mx.array([int(bool(flag))], dtype=mx.int32), group=self.group)
+        with guard(default_timeout(), "the other ranks"):
+            mx.eval(x)
+        return x.item() > 0
+
+    def check_same(self, what: str, value: Any) -> None:
+        """Raise on every rank whose `value` differs from rank 0's (e.g. a data fingerprint)."""
+        ref = broadcast_json(value, self.group)
+        bad = int(json.loads(json.dumps(value)) != ref)
+        if self.any(bool(bad)):
+            raise DistributedError(
+                f"{what} differs between ranks (rank {self.rank}: {value}, rank 0: {ref})"
+                if bad else f"{what} differs on another rank; every host needs the same files")
+
+    def sync(self, tree: Any, what: str) -> Any:
+        return broadcast_tree(tree, self.group, 0, what)
+
+    def share(self, obj: Any) -> Any:
+        return broadcast_json(obj, self.group)

@@ -45,6 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--grad-checkpoint", action="store_true", help="less memory, ~30%% more compute")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export", metavar="DIR", help="also write a standalone fused model folder")
+    p.add_argument("--hosts", metavar="FILE", help="data-parallel over the hosts of this file (see `latent hosts`)")
     p.set_defaults(func=run)
 
 
@@ -101,6 +102,17 @@ def run(args: argparse.Namespace) -> int:
         early_stopping=args.early_stopping, grad_checkpoint=args.grad_checkpoint, seed=args.seed,
     )
 
+    from engine.distributed import in_job, init_group, relaunch_cli
+
+    if args.hosts and not in_job():  # start one rank per host through mlx.launch
+        return relaunch_cli(args.hosts)
+    group = init_group()  # also when started by `mlx.launch ... latent finetune`
+    if group is not None and group.rank() != 0:  # rank 0 reports and writes
+        for _ in train(config, None, group):
+            pass
+        return 0
+    if group is not None:
+        print(f"data-parallel over {group.size()} processes (this is rank 0)", file=sys.stderr)
     cancel = threading.Event()
 
     def on_sigint(signum, frame):
@@ -118,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     out = None
     eval_name = "validation"
     try:
-        for ev in train(config, cancel):
+        for ev in train(config, cancel, group):
             if ev.kind == "data":
                 print(ev.message, file=sys.stderr)
             elif ev.kind == "start":

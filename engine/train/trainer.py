@@ -343,6 +343,19 @@ class Run:
             f.write(json.dumps(d) + "\n")
 
 
+class _FollowerRun(Run):
+    """Data-parallel ranks other than 0: the same paths, nothing written (rank 0 writes)."""
+
+    def save(self, model, opt, state, adapter_cfg) -> Path:
+        return self.ckpts / f"step-{state.step:06d}"
+
+    def save_best(self, model, adapter_cfg) -> Path:
+        return self.root / "best"
+
+    def log(self, ev) -> None:
+        pass
+
+
 def _restore(ckpt: Path, model: nn.Module, opt: optim.Optimizer) -> RunState:
     weights = mx.load(str(ckpt / L.ADAPTER_WEIGHTS))
     model.load_weights(list(weights.items()), strict=False)
@@ -370,11 +383,22 @@ def _run_name(config: TrainConfig) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
 
 
-def train(config: TrainConfig, cancel: threading.Event | None = None) -> Iterator[TrainEvent]:
-    """Run (or resume) a fine-tune, yielding progress events; raises TrainingError on bad input."""
+def train(config: TrainConfig, cancel: threading.Event | None = None,
+          group: Any = None) -> Iterator[TrainEvent]:
+    """Run (or resume) a fine-tune, yielding progress events; raises TrainingError on bad input.
+
+    `group` (an `mx.distributed` group of >1 ranks, see engine/distributed.py): data-parallel,
+    every rank runs this with the same config; rank 0 reads and writes the run folder."""
+    from engine.distributed import DataParallel
+
+    dp = DataParallel(group) if group is not None and group.size() > 1 else None
     if config.resume:
-        run = Run.resolve(config.resume)
-        saved = json.loads((run.root / "config.json").read_text())
+        if dp is None or dp.lead:
+            run = Run.resolve(config.resume)
+            saved = json.loads((run.root / "config.json").read_text())
+        if dp is not None:
+            root, saved = dp.share([str(run.root), saved] if dp.lead else None)
+            run = Run(Path(root))
         loaded_model = config.model if not isinstance(config.model, (str, os.PathLike)) else None
         config = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}})
         if loaded_model is not None:
@@ -384,6 +408,10 @@ def train(config: TrainConfig, cancel: threading.Event | None = None) -> Iterato
         from engine.paths import runs_dir
 
         run = Run(Path(config.run_dir) if config.run_dir else runs_dir() / _run_name(config))
+        if dp is not None:
+            run = Run(Path(dp.share(str(run.root))))
+    if dp is not None and not dp.lead:
+        run = _FollowerRun(run.root)
     _check_config(config)
 
     loaded = _load_model(config)
@@ -395,6 +423,9 @@ def train(config: TrainConfig, cancel: threading.Event | None = None) -> Iterato
         config.max_seq_len = min(512, ctx or 512)
     ds, report = build_dataset(config.data, tok, config.max_seq_len, config.overlap,
                                config.val_fraction, config.seed, context_length=ctx)
+    if dp is not None:  # every rank must train on the same chunks
+        dp.check_same("the training data", [len(ds.train), len(ds.val),
+                                            sum(int(np.sum(e.tokens)) for e in ds.train)])
     yield TrainEvent("data", message=report.summary(), report=report)
 
     mx.random.seed(config.seed)  # adapter initialisation
@@ -412,7 +443,7 @@ def train(config: TrainConfig, cancel: threading.Event | None = None) -> Iterato
     dequantized_compute(model, True)
     model.train()
     try:
-        yield from _loop(config, run, loaded, ds, adapter_cfg, cancel)
+        yield from _loop(config, run, loaded, ds, adapter_cfg, cancel, dp)
     finally:
         dequantized_compute(model, False)
         set_grad_checkpoint(model, False)
@@ -420,7 +451,7 @@ def train(config: TrainConfig, cancel: threading.Event | None = None) -> Iterato
 
 
 def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
-          cancel: threading.Event | None) -> Iterator[TrainEvent]:
+          cancel: threading.Event | None, dp: Any = None) -> Iterator[TrainEvent]:
     model, tok = loaded.model, loaded.tokenizer
 
     per_step = config.batch_size * config.grad_accum
@@ -436,15 +467,22 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
 
     state = RunState()
     if config.resume:
-        ckpt = run.latest()
-        if ckpt is None:
-            raise TrainingError(f"{run.root}: no checkpoint to resume from")
-        state = _restore(ckpt, model, opt)
+        if dp is None or dp.lead:
+            ckpt = run.latest()
+            if ckpt is None:
+                raise TrainingError(f"{run.root}: no checkpoint to resume from")
+            state = _restore(ckpt, model, opt)
+        if dp is not None:  # rank 0's checkpoint, whatever the number of ranks that wrote it
+            model.update(dp.sync(model.trainable_parameters(), "adapter weights"))
+            opt.state = dp.sync(opt.state, "optimizer state")
+            raw = dp.share(asdict(state))
+            state = RunState(**{**raw, "val_history": [tuple(v) for v in raw["val_history"]]})
         yield TrainEvent("start", state.step, total, checkpoint=str(run.root),
                          message=f"resumed {run.root} at step {state.step}")
     else:
-        run.root.mkdir(parents=True, exist_ok=True)
-        _atomic_json(run.root / "config.json", config.to_json())
+        if dp is None or dp.lead:
+            run.root.mkdir(parents=True, exist_ok=True)
+            _atomic_json(run.root / "config.json", config.to_json())
         yield TrainEvent("start", 0, total, checkpoint=str(run.root), message=f"run {run.root}: {total} steps, "
                          f"{len(L.adapter_weights(model, config.fine_tune_type))} trainable tensors")
         ev = _eval_event(model, eval_set, config, pad, state, 0, total, eval_name, run, adapter_cfg,
@@ -456,7 +494,8 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
     times: list[float] = []
     last_ckpt = run.latest()
     while state.step < total:
-        if cancel is not None and cancel.is_set():
+        stop_now = cancel is not None and cancel.is_set()
+        if dp.any(stop_now) if dp is not None else stop_now:
             last_ckpt = run.save(model, opt, state, adapter_cfg)
             yield TrainEvent("cancelled", state.step, total, checkpoint=str(last_ckpt),
                              message=f"cancelled at step {state.step}; resume with --resume {run.root}")
@@ -466,6 +505,10 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
         grads, loss_sum, count, n_tokens = None, 0.0, 0.0, 0
         for micro in range(config.grad_accum):
             batch = [ds.train[i] for i in idx[micro * config.batch_size:(micro + 1) * config.batch_size]]
+            if dp is not None:
+                batch = dp.shard(batch)
+                if not batch:
+                    continue
             x, y, m = collate(batch, pad)
             n_tokens += sum(len(e.tokens) - 1 for e in batch)
             mx.random.seed((config.seed * 1_000_003 + state.step * 997 + micro) % 2**32)
@@ -474,6 +517,9 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
             mx.eval(s, n, grads)
             loss_sum += s.item()
             count += n.item()
+        if dp is not None:  # sum gradients, loss and counts over ranks (the whole batch)
+            grads, loss_sum, count, n_tokens = dp.reduce(
+                grads, model.trainable_parameters(), loss_sum, count, n_tokens)
         loss = loss_sum / max(count, 1.0)
         if not math.isfinite(loss):
             where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
@@ -513,7 +559,7 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
                 f"early stopping: {eval_name} loss has not improved for {state.evals_since_best} evaluations"))
             break
 
-    out = _finish(run, config, model, adapter_cfg)
+    out = _finish(run, config, model, adapter_cfg, write=dp is None or dp.lead)
     best = state.best_val
     yield TrainEvent("done", state.step, total, val_loss=best,
                      val_ppl=math.exp(best) if best is not None else None, checkpoint=str(out),
@@ -535,7 +581,8 @@ def _eval_event(model, eval_set, config, pad, state: RunState, step, total, name
                       is_best=is_best, message=f"{name}{' before training' if initial else ''}")
 
 
-def _finish(run: Run, config: TrainConfig, model: nn.Module, adapter_cfg: dict) -> Path:
+def _finish(run: Run, config: TrainConfig, model: nn.Module, adapter_cfg: dict,
+            write: bool = True) -> Path:
     """Copy the best adapter (else the last weights) to the output folder."""
     if config.out:
         out = Path(config.out).expanduser()
@@ -543,6 +590,8 @@ def _finish(run: Run, config: TrainConfig, model: nn.Module, adapter_cfg: dict) 
         from engine.paths import adapters_dir
 
         out = adapters_dir() / run.root.name
+    if not write:
+        return out
     best = run.root / "best"
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
