@@ -97,7 +97,7 @@ def test_lora_linear_gradients_match_torch():
 @pytest.mark.parametrize("dequant", ["0", "1"])
 def test_qlora_gradients_match_torch_on_dequantized_weight(monkeypatch, dequant):
     monkeypatch.setenv("LATENT_QLORA_DEQUANT", dequant)  # both base paths: qmm and dequant+GEMM
-    L.dequantize_for_matmul.cache_clear()
+    L._auto_dequantize.cache_clear()
     try:
         mx.random.seed(0)
         base = nn.QuantizedLinear.from_linear(nn.Linear(128, 48, bias=False), group_size=32, bits=4)
@@ -106,7 +106,7 @@ def test_qlora_gradients_match_torch_on_dequantized_weight(monkeypatch, dequant)
         w64 = unpack_affine(np.array(base.weight), np.array(base.scales), np.array(base.biases), 4, 32)
         _check(layer, w64, None)
     finally:
-        L.dequantize_for_matmul.cache_clear()
+        L._auto_dequantize.cache_clear()
 
 
 def test_fresh_adapter_changes_nothing_and_fused_equals_unfused():

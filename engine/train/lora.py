@@ -61,8 +61,21 @@ def _optimised_blas_loaded() -> bool:
     return any(name in maps for name in ("libopenblas", "libmkl", "libblis"))
 
 
-@lru_cache(maxsize=1)
+_FORCED: list[bool | None] = [None]
+
+
+def set_dequantize_for_matmul(value: bool | None) -> None:
+    """Override the choice below (None: back to automatic); the trainer sets it per run."""
+    _FORCED[0] = value
+
+
 def dequantize_for_matmul() -> bool:
+    """See `_auto_dequantize`; a per-run override wins (TrainConfig.dequantize_base)."""
+    return _auto_dequantize() if _FORCED[0] is None else _FORCED[0]
+
+
+@lru_cache(maxsize=1)
+def _auto_dequantize() -> bool:
     """Whether a quantized base is dequantized to run its matmul (vs `quantized_matmul`).
 
     On the CPU with an optimised BLAS, dequantize + fp32 GEMM is ~10x faster than MLX's CPU
