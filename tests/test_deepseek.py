@@ -97,10 +97,15 @@ def _logits(loaded, tokens=TOKENS) -> np.ndarray:
     return np.array(loaded.model(mx.array(tokens)).astype(mx.float32))
 
 
+def _set_mode(model, mode: str) -> None:
+    for layer in model.layers:
+        layer.self_attn.mode = mode
+
+
 def _stepwise(model, tokens=TOKENS, cache=None) -> np.ndarray:
     cache = cache if cache is not None else model.make_cache()
     x = mx.array(tokens)
-    # a 3-token prefill (materialised path), then one token at a time (absorbed path)
+    # a 3-token prefill, then one token at a time (each layer's `mode` picks the path)
     outs = [model(x[:, :3], cache)]
     for i in range(3, x.shape[1]):
         outs.append(model(x[:, i : i + 1], cache))
@@ -125,10 +130,12 @@ def test_deepseek_v2_matches_transformers(tmp_path, case):
     folder, ref = make_checkpoint(tmp_path, "deepseek_v2", **V2_CASES[case])
     loaded = engine.load(folder, dtype="float32")
     assert loaded.model.model_type == "deepseek_v2"
-    got = _logits(loaded)
     assert np.abs(ref).max() > 0.5  # the random model is not degenerate
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(_stepwise(loaded.model), got, atol=1e-4, rtol=0)
+    for mode in ("materialized", "absorbed"):  # "auto" picks by cost; check both paths
+        _set_mode(loaded.model, mode)
+        got = _logits(loaded)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(_stepwise(loaded.model), got, atol=1e-4, rtol=0)
 
 
 V3_YARN = dict(
@@ -160,10 +167,12 @@ def test_deepseek_v3_matches_transformers(tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["n_group"] == 4
     loaded = engine.load(folder, dtype="float32")
-    got = _logits(loaded)
     assert np.abs(ref).max() > 0.5
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(_stepwise(loaded.model), got, atol=1e-4, rtol=0)
+    for mode in ("materialized", "absorbed"):
+        _set_mode(loaded.model, mode)
+        got = _logits(loaded)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(_stepwise(loaded.model), got, atol=1e-4, rtol=0)
     # layer 0 is dense, the others MoE with the correction bias loaded
     layers = loaded.model.layers
     assert "gate" not in layers[0].mlp and "e_score_correction_bias" in layers[1].mlp.gate

@@ -191,8 +191,8 @@ def mla_softmax_scale(qk_head_dim: int, config: dict[str, Any]) -> float:
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """DeepSeek MLA. `mode`: "auto" (absorbed for one query, materialised otherwise),
-    "absorbed" or "materialized" (for tests and benchmarks)."""
+    """DeepSeek MLA. `mode`: "auto" (absorbed for decoding and short chunks, materialised for
+    long prefills; see `_absorb`), "absorbed" or "materialized" (for tests and benchmarks)."""
 
     def __init__(
         self,
@@ -278,7 +278,7 @@ class MultiHeadLatentAttention(nn.Module):
             held = cache.update_and_fetch(c_kv, k_pe)
         else:
             held = (c_kv, k_pe)  # (B, 1, S, r), (B, 1, S, rope)
-        absorbed = self.mode == "absorbed" or (self.mode == "auto" and L == 1)
+        absorbed = self._absorb(L)
         if isinstance(held[0], tuple):  # quantized parts
             if absorbed:
                 out = self._absorbed_quantized(q_nope, q_pe, held, cache, mask)
@@ -289,6 +289,14 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             out = self._materialized(q_nope, q_pe, *held, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _absorb(self, L: int) -> bool:
+        """Absorbed when cheaper: per cached position and head it costs L·(2r + rope) multiply-adds,
+        materialising r·(nope + v) + L·(nope + rope + v). For V2/V3 shapes: L < ~170 queries."""
+        if self.mode != "auto":
+            return self.mode == "absorbed"
+        r, nope, v = self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim
+        return L == 1 or L * (2 * r - nope - v) < r * (nope + v)
 
     # -- the two paths ------------------------------------------------------------------
 
