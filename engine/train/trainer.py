@@ -73,6 +73,9 @@ class TrainConfig:
     save_every: int = 50
     early_stopping: int | None = None  # stop after this many evals without improvement
     grad_checkpoint: bool = False
+    # Quantized base layers computed as fp32 GEMMs on dequantized weights (+ a kept fp32 copy of
+    # the output head): much faster on a CPU with OpenBLAS, more memory. None: automatic.
+    dequantize_base: bool | None = None
     seed: int = 0
     dtype: str | None = None
 
@@ -364,12 +367,14 @@ def train(config: TrainConfig, cancel: threading.Event | None = None,
         model, keys, n_layers, config.rank, config.alpha, config.dropout, config.fine_tune_type,
         base_model=str(config.to_json()["model"]), max_seq_len=config.max_seq_len)
     set_grad_checkpoint(model, config.grad_checkpoint)
+    L.set_dequantize_for_matmul(config.dequantize_base)
     dequantized_compute(model, True)
     model.train()
     try:
         yield from _loop(config, run, loaded, ds, adapter_cfg, cancel, dp)
     finally:
         dequantized_compute(model, False)
+        L.set_dequantize_for_matmul(None)
         set_grad_checkpoint(model, False)
         model.eval()
 
