@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
+
 import pytest
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
@@ -43,4 +45,14 @@ def test_real_engine_reply_appears(qtbot, tmp_path, default_model_path, latent_h
     # KV bytes per token from FACTS.md's shape: 2 (K, V) x 30 layers x 3 KV heads x 64 dims
     dtype_bytes = 2 if info["dtype"] in ("float16", "bfloat16") else 4
     assert f"{2 * 30 * 3 * 64 * dtype_bytes / 1000:.0f} KB per token" in ins.summary.text()
+    # look at a prompt: 30 attention maps of 9 heads, each row a causal distribution
+    panel = ins.look_panel
+    panel.prompt.setText("The capital of France is")
+    with qtbot.waitSignal(win.client.looked, timeout=60_000):
+        panel.run()
+    att, n = panel.result["attention"], len(panel.result["tokens"])
+    assert len(att) == 30 and att[0].shape == (9, n, n)
+    np.testing.assert_allclose(att[5].sum(-1), 1.0, atol=1e-3)
+    assert np.abs(np.triu(att[5], 1)).max() < 1e-6  # no attention to later tokens
+    assert panel.top.rowCount() == 10 and panel.image.image is not None
     win.shutdown()

@@ -65,6 +65,7 @@ def main(out_dir: str = "docs/screenshots") -> int:
         os.environ["LATENT_MODELS_DIR"] = str(real_models)
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_engine import FakeEngine
+    from PySide6.QtWidgets import QTabWidget
 
     from app.gui.main import make_app
     from app.gui.main_window import MainWindow
@@ -206,6 +207,15 @@ def main(out_dir: str = "docs/screenshots") -> int:
     ins = win2.views["inspector"]
     _wait_until(app, lambda: ins.model.rowCount() > 0, timeout=60)
     shot(win2, "inspector")
+    try:
+        ins.findChild(QTabWidget).setCurrentIndex(1)
+        ins.look_panel.prompt.setText("The capital of France is Paris. The capital of Italy is")
+        ins.look_panel.run()
+        _wait_until(app, lambda: bool(ins.look_panel.result), timeout=60)
+        ins.look_panel.layer.setValue(10)
+        shot(win2, "inspector-look")
+    except Exception as e:  # noqa: BLE001 - engine.inspect missing
+        print(f"inspector look skipped: {e}")
     win2.shutdown()
     win2.close()
     if server is not None:

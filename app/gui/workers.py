@@ -93,6 +93,7 @@ class EngineWorker(QObject):
     failed = Signal(int, str)
     counted = Signal(int, int)  # tag (e.g. a conversation id), tokens
     inspected = Signal(object)  # {"rows": [(name, shape, format, bytes, part)], "summary": {}}
+    looked = Signal(object)  # {"tokens", "top_next", "attention": [(H, L, L) arrays]} or {"error"}
 
     def __init__(self, factory: Callable[[], Any]) -> None:
         super().__init__()
@@ -223,6 +224,20 @@ class EngineWorker(QObject):
                 out["rows"] = [("error", (), error_text(e), 0, "")]
         self.inspected.emit(out)
 
+    @Slot(str)
+    def look(self, prompt: str) -> None:
+        """One prompt through the model with `engine.inspect.look` (attention, next tokens)."""
+        try:
+            from engine.inspect import look
+
+            loaded = getattr(self.engine, "loaded", None)
+            if loaded is None:
+                raise RuntimeError("no model is loaded")
+            r = look(loaded, prompt, top_k=10, router=False)
+            self.looked.emit({"tokens": r.tokens, "top_next": r.top_next, "attention": r.attention})
+        except Exception as e:  # noqa: BLE001
+            self.looked.emit({"error": error_text(e)})
+
 
 class EngineClient(QObject):
     """The GUI thread's handle on the engine thread."""
@@ -233,6 +248,7 @@ class EngineClient(QObject):
     _do_generate = Signal(int, object, object)
     _do_count = Signal(int, object)
     _do_inspect = Signal()
+    _do_look = Signal(str)
 
     loaded = Signal(object)
     load_failed = Signal(str)
@@ -242,6 +258,7 @@ class EngineClient(QObject):
     failed = Signal(int, str)
     counted = Signal(int, int)  # tag (e.g. a conversation id), tokens
     inspected = Signal(object)
+    looked = Signal(object)
     busy_changed = Signal(bool)
 
     def __init__(self, factory: Callable[[], Any] = default_engine_factory, parent=None) -> None:
@@ -256,6 +273,7 @@ class EngineClient(QObject):
         self._do_generate.connect(self.worker.generate)
         self._do_count.connect(self.worker.count)
         self._do_inspect.connect(self.worker.inspect)
+        self._do_look.connect(self.worker.look)
         for name in (
             "loaded",
             "load_failed",
@@ -265,6 +283,7 @@ class EngineClient(QObject):
             "failed",
             "counted",
             "inspected",
+            "looked",
         ):
             getattr(self.worker, name).connect(getattr(self, name))
         self.loaded.connect(self._on_loaded)
@@ -303,6 +322,9 @@ class EngineClient(QObject):
 
     def inspect(self) -> None:
         self._do_inspect.emit()
+
+    def look(self, prompt: str) -> None:
+        self._do_look.emit(prompt)
 
     def cancel(self) -> None:
         """Thread-safe: the worker stops at its next step, the engine within one token."""

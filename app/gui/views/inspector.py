@@ -3,6 +3,8 @@ part, bytes), totals by part and the KV-cache cost per token.
 
 The table comes from the engine thread (`EngineClient.inspect`: `engine.inspect.storage`, or
 `mlx.utils.tree_flatten` of the parameters when that is missing); this view only shows it.
+"Look at a prompt" runs `engine.inspect.look` there too: an attention map per layer and head
+and the next-token probabilities.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QSpinBox,
     QTableView,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -32,6 +36,89 @@ class ParameterTableModel(RecordTableModel):
         ("Part", lambda r: r[4] if len(r) > 4 else ""),
         ("Bytes", lambda r: human_bytes(r[3]) or "0 B"),
     ]
+
+
+class TopNextModel(RecordTableModel):
+    columns = [
+        ("Next token", lambda r: repr(r[1])),
+        ("Id", lambda r: r[0]),
+        ("Probability", lambda r: f"{r[2]:.1%}"),
+    ]
+
+
+class LookPanel(QWidget):
+    """One prompt through the model: attention map per layer and head, next-token odds."""
+
+    def __init__(self, window: Any) -> None:
+        super().__init__()
+        self.window = window
+        self.result: dict = {}
+        self.prompt = QLineEdit("The capital of France is")
+        self.prompt.returnPressed.connect(self.run)
+        self.button = QPushButton("Look")
+        self.button.clicked.connect(self.run)
+        self.layer = QSpinBox(prefix="layer ")
+        self.head = QSpinBox(prefix="head ")
+        self.layer.valueChanged.connect(self._draw)
+        self.head.valueChanged.connect(self._draw)
+        row = QHBoxLayout()
+        row.addWidget(self.prompt, 1)
+        for w in (self.button, self.layer, self.head):
+            row.addWidget(w)
+        self.note = QLabel("Attention probabilities: row = query token, column = key token.")
+        self.top = TopNextModel(self)
+        top_view = QTableView()
+        top_view.setModel(self.top)
+        top_view.verticalHeader().hide()
+        top_view.setShowGrid(False)
+        top_view.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        top_view.setMaximumWidth(360)
+        import pyqtgraph as pg
+
+        self.plot = pg.PlotWidget(background=None)
+        self.plot.setAspectLocked(True)
+        self.plot.invertY(True)
+        self.image = pg.ImageItem()
+        self.image.setColorMap(pg.colormap.get("viridis"))
+        self.plot.addItem(self.image)
+        body = QHBoxLayout()
+        body.addWidget(self.plot, 1)
+        body.addWidget(top_view)
+        lay = QVBoxLayout(self)
+        lay.addLayout(row)
+        lay.addWidget(self.note)
+        lay.addLayout(body, 1)
+        window.client.looked.connect(self._on_result)
+
+    def run(self) -> None:
+        if self.window.client.info is None or not self.prompt.text().strip():
+            return
+        self.button.setEnabled(False)
+        self.note.setText("Running the prompt…")
+        self.window.client.look(self.prompt.text())
+
+    def _on_result(self, result: dict) -> None:
+        self.button.setEnabled(True)
+        if "error" in result:
+            self.note.setText("")
+            self.window.show_error(result["error"])
+            return
+        self.result = result
+        att = result["attention"]
+        self.layer.setRange(0, max(0, len(att) - 1))
+        self.head.setRange(0, max(0, (att[0].shape[0] if att else 1) - 1))
+        self.top.set_rows(result["top_next"])
+        toks = " · ".join(repr(t) for t in result["tokens"])
+        self.note.setText(f"{len(result['tokens'])} tokens: {toks}")
+        self._draw()
+
+    def _draw(self) -> None:
+        att = self.result.get("attention") or []
+        if not att:
+            return
+        a = att[min(self.layer.value(), len(att) - 1)]
+        m = a[min(self.head.value(), a.shape[0] - 1)]  # (L queries, L keys)
+        self.image.setImage(m.T, levels=(0.0, 1.0))  # ImageItem's first axis is x (keys)
 
 
 class InspectorView(QWidget):
@@ -60,12 +147,20 @@ class InspectorView(QWidget):
         top = QHBoxLayout()
         top.addWidget(self.filter, 1)
         top.addWidget(refresh)
+        storage_page = QWidget()
+        sl = QVBoxLayout(storage_page)
+        sl.setContentsMargins(0, 0, 0, 0)
+        sl.addWidget(self.summary)
+        sl.addLayout(top)
+        sl.addWidget(self.table, 1)
+        self.look_panel = LookPanel(window)
+        tabs = QTabWidget()
+        tabs.addTab(storage_page, "What it stores")
+        tabs.addTab(self.look_panel, "Look at a prompt")
         lay = QVBoxLayout(self)
         lay.setContentsMargins(12, 8, 12, 8)
         lay.addWidget(title)
-        lay.addWidget(self.summary)
-        lay.addLayout(top)
-        lay.addWidget(self.table, 1)
+        lay.addWidget(tabs, 1)
         window.client.inspected.connect(self._on_rows)
         window.client.loaded.connect(lambda *_: self.refresh())
         window.client.unloaded.connect(lambda: self._on_rows([]))
