@@ -1,12 +1,13 @@
 """The real engine behind the real window: the default model (SmolLM2-135M-Instruct) loads on
-the engine thread and a greedy reply to a question appears in the transcript and the store."""
+the engine thread and a greedy reply to a question appears in the transcript and the store; the
+inspector shows its parameter table, its KV bytes per token (from the model's shape in
+FACTS.md) and, for one prompt, causal attention maps and next-token probabilities."""
 
 from __future__ import annotations
 
 import importlib.util
 
 import numpy as np
-
 import pytest
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]

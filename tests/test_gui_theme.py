@@ -39,6 +39,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_many_emits_do_not_abort():
     r = subprocess.run(
         [sys.executable, "-c", EMIT_MANY], capture_output=True, text=True, timeout=120
