@@ -153,15 +153,16 @@ class EngineQueue:
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[_Job] = queue.Queue()
         self._current: _Job | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ensure_worker()
 
     def _ensure_worker(self) -> None:
-        # An ASGI lifespan may shut the app down and start it again in one process (test
-        # clients do); a request after that must find a worker, not wait forever.
+        # The worker is a daemon thread that lives as long as the process; it is deliberately not
+        # tied to the ASGI lifespan, which may shut an app down and start it again in one process
+        # (test clients do): a request after that must find a worker, not wait forever.
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._work, name="latent-server-engine", daemon=True)
@@ -177,12 +178,6 @@ class EngineQueue:
             if self._current is job:
                 self.engine.cancel()
 
-    def close(self) -> None:
-        """Let the worker finish its current job and exit; a later submit starts a new one."""
-        self._jobs.put(None)
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
 
     def _emit(self, job: _Job, item: Any) -> None:
         try:
@@ -193,8 +188,6 @@ class EngineQueue:
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
-            if job is None:
-                return
             if job.cancelled.is_set():
                 continue
             with self._lock:
@@ -428,10 +421,6 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         params = _params(req, engine.generation_defaults(), req.max_tokens or 16)
         return await _respond(request, req, "complete", req.text(), params)
-
-    @app.on_event("shutdown")
-    async def _shutdown():
-        runner.close()
 
     return app
 

@@ -30,7 +30,7 @@ def test_any_int64_seed_samples_reproducibly():
 
 @pytest.mark.timeout(60)
 def test_queue_survives_an_app_shutdown_and_restart():
-    """A lifespan shutdown closes the worker; the next request must still be served."""
+    """Requests after an ASGI lifespan shutdown and restart are still served (no lost worker)."""
     from fastapi.testclient import TestClient
 
     from app.server import create_app
