@@ -33,6 +33,10 @@ format: $(STAMP)
 screenshots: $(STAMP) $(MODEL)
 	$(BIN)/python -m app.gui.screenshots docs/screenshots
 
+# The double-clickable app (PyInstaller one-folder; a .app bundle on macOS): dist/latent-studio/
+package: $(STAMP)
+	$(BIN)/python packaging/build.py
+
 # System packages: OpenBLAS for MLX's CPU GEMM, and the libraries Qt's xcb/offscreen
 # platforms load. Skipped (with a note) where apt or root is not available.
 sysdeps: $(SYSDEPS)
