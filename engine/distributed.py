@@ -276,10 +276,19 @@ def all_sum_tree(tree: Any, group: mx.distributed.Group, what: str = "gradients"
                  timeout: float | None = None) -> Any:
     """Element-wise sum of a tree of arrays over all ranks (evaluated), under a watchdog."""
     flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])
-    summed = [(k, mx.distributed.all_sum(v, group=group)) for k, v in flat]
+    # one message per dtype instead of one per tensor: the ring pipelines big buffers well
+    summed: dict[str, mx.array] = {}
+    for dtype in sorted({v.dtype for _, v in flat}, key=str):
+        part = [(k, v) for k, v in flat if v.dtype == dtype]
+        buf = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for _, v in part]), group=group)
+        offsets = [0]
+        for _, v in part:
+            offsets.append(offsets[-1] + v.size)
+        for (k, v), a, b in zip(part, offsets, offsets[1:]):
+            summed[k] = buf[a:b].reshape(v.shape)
     with guard(default_timeout() if timeout is None else timeout, what):
-        mx.eval([v for _, v in summed])
-    return tree_unflatten(summed)
+        mx.eval(list(summed.values()))
+    return tree_unflatten([(k, summed[k]) for k, _ in flat])
 
 
 def broadcast_tree(tree: Any, group: mx.distributed.Group, root: int = 0, what: str = "weights") -> Any:

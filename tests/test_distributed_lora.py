@@ -51,8 +51,8 @@ def _rank_main(spec_json: str) -> None:
     Path(f"{spec['out']}.{me}").write_text(json.dumps(losses))
 
 
-def make_tiny(root: Path) -> tuple[Path, Path]:
-    """(model folder: random 2-layer llama + a 300-token byte-level BPE, data folder of .txt)."""
+def make_tiny(root: Path, hidden: int = 64, layers: int = 2, docs: int = 10) -> tuple[Path, Path]:
+    """(model folder: random llama (2 layers, hidden 64 by default) + a 300-token byte-level BPE, data folder of .txt)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -61,7 +61,7 @@ def make_tiny(root: Path) -> tuple[Path, Path]:
 
     rng = random.Random(0)
     texts = [" ".join(f"{rng.choice(WORDS[:5])} has {rng.randint(2, 9)} {rng.choice(WORDS[6:])}."
-                      for _ in range(30)) for _ in range(10)]
+                      for _ in range(30)) for _ in range(docs)]
     data = root / "data"
     data.mkdir(parents=True)
     for i, t in enumerate(texts):
@@ -77,7 +77,8 @@ def make_tiny(root: Path) -> tuple[Path, Path]:
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
-    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+    cfg = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+           "intermediate_size": 2 * hidden,
            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": tk.get_vocab_size(),
            "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "rope_theta": 10000.0}
     mx.random.seed(0)
