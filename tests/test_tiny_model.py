@@ -29,13 +29,29 @@ from engine.models.tiny import Model, ModelArgs
 COMBOS = [
     dict(positional=p, attention=a, ffn=f, norm=n)
     for p, a, f, n in itertools.product(
-        ("rope", "alibi", "sinusoidal", "learned", "none"), ("mha", "gqa", "mla"), ("dense", "moe"), ("rmsnorm", "layernorm")
+        ("rope", "alibi", "sinusoidal", "learned", "none"),
+        ("mha", "gqa", "mla"),
+        ("dense", "moe"),
+        ("rmsnorm", "layernorm"),
     )
 ] + [
     dict(positional="rope", attention="gqa", ffn="moe", norm="layernorm", pre_norm=False),
-    dict(positional="alibi", attention="mha", ffn="dense", norm="rmsnorm", pre_norm=False, residual=False),
+    dict(
+        positional="alibi",
+        attention="mha",
+        ffn="dense",
+        norm="rmsnorm",
+        pre_norm=False,
+        residual=False,
+    ),
     dict(positional="learned", attention="mla", ffn="dense", norm="rmsnorm", residual=False),
-    dict(positional="sinusoidal", attention="gqa", ffn="dense", norm="rmsnorm", tie_word_embeddings=False),
+    dict(
+        positional="sinusoidal",
+        attention="gqa",
+        ffn="dense",
+        norm="rmsnorm",
+        tie_word_embeddings=False,
+    ),
 ]
 
 
@@ -45,8 +61,19 @@ def _id(c: dict) -> str:
 
 def make(**kw) -> Model:
     mx.random.seed(0)
-    args = ModelArgs(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
-                     max_position_embeddings=64, num_experts=4, top_k=2, kv_lora_rank=8, qk_rope_head_dim=4, **kw)
+    args = ModelArgs(
+        vocab_size=40,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_experts=4,
+        top_k=2,
+        kv_lora_rank=8,
+        qk_rope_head_dim=4,
+        **kw,
+    )
     model = Model(args)
     mx.eval(model.parameters())
     return model

@@ -156,7 +156,9 @@ class MoE(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         probs = mx.softmax(self.router(x).astype(mx.float32), axis=-1)  # (B, L, E)
         E = probs.shape[-1]
-        ids = mx.stop_gradient(mx.argsort(-probs, axis=-1)[..., : self.top_k])  # (B, L, k), best first
+        ids = mx.stop_gradient(
+            mx.argsort(-probs, axis=-1)[..., : self.top_k]
+        )  # (B, L, k), best first
         picked = mx.take_along_axis(probs, ids, axis=-1)
         weights = picked / picked.sum(axis=-1, keepdims=True)
         onehot = (ids[..., None] == mx.arange(E)).astype(probs.dtype)  # (B, L, k, E)
