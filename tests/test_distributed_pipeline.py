@@ -268,6 +268,29 @@ def test_lost_rank_stops_rank0_with_clear_error(checkpoints, tmp_path, hang):
     assert elapsed < 40
 
 
+@pytest.mark.slow
+def test_cli_generate_over_hosts_equals_one_process(tmp_path):
+    """`latent generate --hosts` (mlx.launch, 2 ranks on 127.0.0.1) answers as without --hosts."""
+    pytest.importorskip("tokenizers")
+    from test_distributed_lora import make_tiny
+
+    model, _ = make_tiny(tmp_path, hidden=64, layers=4)
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    argv = [sys.executable, "-m", "app.cli", "generate", "--model", str(model), "--raw", "--prompt",
+            "Ada has 3", "--temp", "0", "--max-tokens", "12", "--json"]
+    env = {**os.environ, "LATENT_NO_OPENBLAS": "1", "LATENT_DIST_TIMEOUT": "30"}
+    one = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*argv, "--hosts", str(hosts)], capture_output=True, text=True, env=env,
+                         timeout=180)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "pipeline over 2 processes" in two.stderr
+    a = json.loads(one.stdout.strip().splitlines()[-1])
+    b = json.loads([ln for ln in two.stdout.splitlines() if ln.startswith("{")][-1])
+    assert len(a["tokens"]) == 12 and b["tokens"] == a["tokens"] and b["text"] == a["text"]
+
+
 def test_split_layers_by_share():
     from engine.pipeline import split_layers
 

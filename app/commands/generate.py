@@ -32,6 +32,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (same seed, same output)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--hosts", metavar="FILE", help="split the model's layers over these hosts (see `latent hosts`)")
 
 
 def resolve_model(arg: str | None) -> str:
@@ -45,6 +46,10 @@ def resolve_model(arg: str | None) -> str:
 def load_engine(args: argparse.Namespace):
     from engine.session import Engine
 
+    if getattr(args, "hosts", None):  # pipeline-parallel (app/commands/hosts.py)
+        from app.commands.hosts import pipeline_engine_or_exit
+
+        return pipeline_engine_or_exit(resolve_model(args.model), args.hosts, args.adapter)
     engine = Engine()
     engine.load(resolve_model(args.model), args.adapter)
     return engine

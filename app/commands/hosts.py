@@ -166,3 +166,38 @@ def run_check(args: argparse.Namespace) -> int:
     if not args.json:
         print("all hosts ready" if ok else "some hosts are not ready (see !)")
     return 0 if ok else 1
+
+
+def pipeline_engine_or_exit(model: str, hosts_file: str, adapter: str | None = None):
+    """The `--hosts` path of `latent generate/chat/serve`: pipeline-parallel over the hosts.
+
+    Not yet a rank: re-run this command line on every host through `mlx.launch`, then exit with
+    its code. Rank 0: an `Engine` on this rank's stage (the others stop when this process exits).
+    Other ranks: serve forward passes until rank 0 is done, then exit.
+    """
+    import atexit
+
+    from engine.distributed import DistributedError, in_job, init_group, load_hosts, relaunch_cli
+    from engine.pipeline import load_stage
+    from engine.session import Engine
+
+    if adapter:
+        raise DistributedError("--adapter is not supported with --hosts yet (fuse it: latent finetune --export)")
+    if not in_job():
+        sys.exit(relaunch_cli(hosts_file))
+    group = init_group()
+    if group is None:
+        raise DistributedError(f"{hosts_file}: a pipeline needs at least two hosts")
+    loaded = load_stage(model, group, load_hosts(hosts_file).shares())
+    stage = loaded.model
+    if group.rank() != 0:
+        stage.serve_forever()
+        sys.exit(0)
+    stage.full_logits = False  # generation reads only the last position
+    atexit.register(stage.close)
+    print(f"pipeline over {group.size()} processes; rank 0 holds layers "
+          f"{stage.layer_range[0]}-{stage.layer_range[1] - 1}", file=sys.stderr)
+    engine = Engine()
+    engine.attach(loaded)
+    engine.prefix_cache.max_entries = 1  # the workers mirror one cached conversation
+    return engine

@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=os.environ.get("LATENT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LATENT_API_KEY)")
+    p.add_argument("--hosts", metavar="FILE", help="split the model's layers over these hosts (see `latent hosts`)")
     p.set_defaults(func=run)
 
 
@@ -25,7 +26,13 @@ def run(args: argparse.Namespace) -> int:
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     model = args.model or str(ensure_default_model(progress=log))
-    engine = Engine()
-    info = engine.load(model, adapter=args.adapter)
+    if args.hosts:  # pipeline-parallel: rank 0 serves, the other hosts run their layers
+        from app.commands.hosts import pipeline_engine_or_exit
+
+        engine = pipeline_engine_or_exit(model, args.hosts, args.adapter)
+        info = engine.info()
+    else:
+        engine = Engine()
+        info = engine.load(model, adapter=args.adapter)
     serve(engine, info.name, host=args.host, port=args.port, api_key=args.api_key, log=log)
     return 0
