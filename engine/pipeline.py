@@ -84,6 +84,7 @@ class PipelineModel(nn.Module):
         self._timeout = default_timeout() if timeout is None else timeout
         self._caches: dict[int, list] = {}  # worker: rank 0's cache key -> this stage's caches
         self._last_key: int | None = None
+        self._next_key = 0  # rank 0: cache keys handed out so far
         self.full_logits = True  # False: only the last position's logits travel back
         self.closed = False
 
@@ -121,7 +122,7 @@ class PipelineModel(nn.Module):
             raise DistributedError("pipeline inference does not take padding masks (one prompt at a time)")
         B, L = inputs.shape
         offset = cache[0].offset if cache is not None else 0
-        key = id(cache[0]) if cache is not None else 0
+        key = self._cache_key(cache) if cache is not None else 0
         full = 1 if (self.full_logits or L == 1) else 0
         hdr = mx.array([FORWARD, B, L, offset, cache is not None, full, key >> 31, key & 0x7FFFFFFF],
                        dtype=mx.int32)
@@ -133,6 +134,15 @@ class PipelineModel(nn.Module):
             logits = mx.distributed.recv((B, out_len, vocab), self._dtype, self.size - 1, group=self._group)
             mx.eval(logits)
         return logits
+
+    def _cache_key(self, cache: list) -> int:
+        """A number never reused for another cache list (ids of freed objects are)."""
+        key = getattr(cache[0], "_pipeline_key", None)
+        if key is None:
+            self._next_key += 1
+            key = self._next_key
+            cache[0]._pipeline_key = key
+        return key
 
     def close(self) -> None:
         """Tell the other ranks to stop (rank 0; idempotent)."""

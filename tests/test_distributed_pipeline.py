@@ -78,13 +78,24 @@ def _rank_main(folder: str, out: str, shares: str) -> None:
         for c in cache:
             c.trim(c.offset - 4)
         again = np.array(stage(mx.array([PROMPT[4:]]), cache=cache)[0, -1]).tolist()
-        report.update(full=full.tolist(), tokens=tokens, logprobs=logprobs, again=again)
+        forked = _fork(stage, cache, 2)  # as Engine's prefix cache forks a conversation
+        fork = np.array(stage(mx.array([PROMPT[2:]]), cache=forked)[0, -1]).tolist()
+        report.update(full=full.tolist(), tokens=tokens, logprobs=logprobs, again=again, fork=fork)
         Path(f"{out}.0").write_text(json.dumps(report))
     finally:
         stage.close()
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _fork(model, cache: list, keep: int) -> list:
+    """A new cache holding the first `keep` tokens of `cache` (what engine/session.py's _fork does)."""
+    new = model.make_cache()
+    for dst, src in zip(new, cache):
+        dst.state, dst.meta_state = src.state, src.meta_state
+        dst.trim(dst.offset - keep)
+    return new
 
 
 def _tiny_llama(folder: Path) -> Path:
@@ -183,7 +194,9 @@ def _single(folder: Path) -> dict:
     for c in cache:
         c.trim(c.offset - 4)
     again = np.array(loaded.model(mx.array([PROMPT[4:]]), cache=cache)[0, -1])
-    return {"full": full, "tokens": tokens, "logprobs": np.array(logprobs), "again": again}
+    forked = _fork(loaded.model, cache, 2)
+    fork = np.array(loaded.model(mx.array([PROMPT[2:]]), cache=forked)[0, -1])
+    return {"full": full, "tokens": tokens, "logprobs": np.array(logprobs), "again": again, "fork": fork}
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +226,7 @@ def test_pipeline_equals_one_process(checkpoints, tmp_path, family, n):
     np.testing.assert_allclose(np.array(got["logprobs"]), ref["logprobs"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.array(got["full"]), ref["full"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.array(got["again"]), ref["again"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.array(got["fork"]), ref["fork"], atol=1e-5, rtol=0)
 
     # the layers are split contiguously, and each rank holds exactly its own tensors
     ranges = [tuple(rep["range"]) for rep in reports]
