@@ -3,7 +3,8 @@
 The slow tests build the PyInstaller one-folder package (packaging/build.py; reused when no input
 changed) and prove that the frozen binary, run from a folder outside the repo with no `.venv` on
 PATH and no PYTHONPATH, prints the version written in pyproject.toml and passes `--smoke-test`
-(real engine, default model, offscreen window, a reply that names Paris); that the archive holds
+(real engine, default model, offscreen window, a reply that names Paris) and answers an OpenAI
+chat request from `latent-studio serve`; that the archive holds
 every module of our source tree (dynamic imports included), `latent_kernels` and not the
 dev-only stack; that every bundled library's dependencies resolve inside the bundle (save the
 display-server libraries every desktop has); and that the Linux desktop entry installs.
@@ -90,6 +91,59 @@ def test_frozen_smoke_test_answers(package: Path, tmp_path: Path, default_model_
     assert out.returncode == 0, out.stdout + out.stderr
     reply = next((ln for ln in out.stdout.splitlines() if ln.startswith("reply:")), "")
     assert "Paris" in reply, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_frozen_server_answers(package: Path, tmp_path: Path, default_model_path: Path):
+    """`latent-studio serve` (FastAPI + uvicorn, imported by name at run time) works frozen."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = clean_env(tmp_path, LATENT_MODELS_DIR=str(default_model_path.parent.parent))
+    proc = subprocess.Popen(
+        [str(package / "latent-studio"), "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"{base}/models", timeout=5) as r:
+                    models = json.load(r)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.5)
+        assert models["data"], models
+        body = {
+            "model": models["data"][0]["id"],
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        }
+        req = urllib.request.Request(
+            f"{base}/chat/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            reply = json.load(r)
+        assert reply["choices"][0]["message"]["content"].strip()
+        assert reply["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def source_modules(before: float) -> set[str]:
