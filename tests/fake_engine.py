@@ -183,6 +183,10 @@ class FakeEngine:
         )
         yield FakeEvent(text="", token_id=-1, done=True, stats=stats)
 
+    def complete(self, prompt: str, params: Any = None) -> Iterator[FakeEvent]:
+        """Raw-text continuation: the same canned reply (the server's /v1/completions)."""
+        return self.chat([{"role": "user", "content": prompt}], params)
+
 
 class _TinyModel:
     """Just enough of an MLX module for the inspector: a nested parameter tree."""

@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.gui.models.library import discover_local_models, human_bytes
+from app.gui.serving import ServerController, is_loopback
 from app.gui.views.chat import ChatView
 from app.gui.views.welcome import WelcomePanel, default_fetcher
 from app.gui.widgets.banner import Banner
@@ -203,6 +204,23 @@ class MainWindow(QMainWindow):
             bar.addWidget(self.adapter_check),
             bar.addWidget(self.adapter_combo),
         ]
+        bar.addSeparator()
+        self.serve_btn = QPushButton("Serve")
+        self.serve_btn.setCheckable(True)
+        self.serve_btn.setToolTip(
+            "Serve this model over an OpenAI-compatible API (port and key in Settings)"
+        )
+        self.serve_btn.toggled.connect(self._toggle_serve)
+        self.serve_label = QLabel("")
+        self.serve_label.setTextFormat(Qt.PlainText)
+        self.serve_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.serve_label.setStyleSheet("padding: 0 6px;")
+        bar.addWidget(self.serve_btn)
+        bar.addWidget(self.serve_label)
+        self.server = ServerController(self.client, self)
+        self.server.state_changed.connect(self._on_serve_state)
+        self.server.failed.connect(self.show_error)
+        self._serve_restart = False
         self.client.busy_changed.connect(self._update_toolbar)
         self.refresh_models()
         self._update_toolbar()
@@ -277,6 +295,63 @@ class MainWindow(QMainWindow):
             action.setVisible(has_adapters)
         self.adapter_check.setEnabled(not busy and self.client.info is not None and has_adapters)
         self.adapter_combo.setEnabled(not busy and has_adapters)
+        if hasattr(self, "serve_btn"):
+            self.serve_btn.setEnabled(self.client.info is not None or self.serve_btn.isChecked())
+
+    # ---- "Serve this model" --------------------------------------------------------------
+    def serve_settings(self) -> tuple[str, int, str]:
+        """(host, port, api key) from the settings table."""
+        host = str(self.store.setting("serve_host", "127.0.0.1") or "127.0.0.1")
+        return host, int(self.store.setting("serve_port", 8080)), str(
+            self.store.setting("serve_api_key", "") or ""
+        )
+
+    def set_serving(self, on: bool) -> None:
+        self.serve_btn.setChecked(on)
+
+    def _toggle_serve(self, on: bool) -> None:
+        if not on:
+            self._serve_restart = False
+            self.serve_label.setText("Stopping…" if self.server.active else "")
+            self.server.stop()
+            return
+        if self.client.info is None:
+            self.serve_btn.setChecked(False)
+            self.show_error("load a model before serving it")
+            return
+        if self.server.active:
+            return
+        host, port, key = self.serve_settings()
+        if not is_loopback(host):
+            self.banner.show_message(
+                f"The API listens on {host}:{port}: other computers on your network can use "
+                "this model" + ("." if key else ", and no API key is set (Settings)."),
+                "warning",
+            )
+        self.serve_label.setText("Starting…")
+        self.server.start(self._served_name(), host, port, key or None)
+
+    def _served_name(self) -> str:
+        info = self.client.info or {}
+        return str(info.get("name") or Path(str(info.get("path") or "model")).name)
+
+    def _on_serve_state(self, running: bool, url: str) -> None:
+        if running:
+            key = " (API key required)" if self.serve_settings()[2] else ""
+            self.serve_label.setText(f"{url}{key}")
+            self.serve_label.setToolTip(f"OpenAI-compatible API for {self.server.model_name}")
+            self.serve_btn.setText("Serving")
+            return
+        self.serve_btn.setText("Serve")
+        self.serve_label.setText("")
+        if self._serve_restart and self.client.info is not None:
+            self._serve_restart = False
+            self._toggle_serve(True)
+            return
+        self.serve_btn.blockSignals(True)
+        self.serve_btn.setChecked(False)
+        self.serve_btn.blockSignals(False)
+        self._update_toolbar()
 
     # ---- engine events -------------------------------------------------------------------
     def start(self) -> None:
@@ -321,12 +396,17 @@ class MainWindow(QMainWindow):
         self.model_label.setText("  ·  ".join(bits))
         self.model_label.setToolTip(path)
         self.status.setText("Ready")
+        if self.server.active and self.server.model_name != self._served_name():
+            self._serve_restart = True  # serve the new model under its own name
+            self.server.stop()
         self.adapter_check.blockSignals(True)
         self.adapter_check.setChecked(bool(info.get("adapter")))
         self.adapter_check.blockSignals(False)
         self._update_toolbar()
 
     def _on_unloaded(self) -> None:
+        if self.server.active:
+            self.set_serving(False)
         self.model_label.setText("")
         self.status.setText("No model loaded")
         self._update_toolbar()
@@ -344,5 +424,6 @@ class MainWindow(QMainWindow):
         for view in self.views.values():
             if hasattr(view, "shutdown"):
                 view.shutdown()
+        self.server.wait_stopped()
         self.client.shutdown()
         wait_all_tasks()

@@ -94,12 +94,14 @@ class EngineWorker(QObject):
     counted = Signal(int, int)  # tag (e.g. a conversation id), tokens
     inspected = Signal(object)  # {"rows": [(name, shape, format, bytes, part)], "summary": {}}
     looked = Signal(object)  # {"tokens", "top_next", "attention": [(H, L, L) arrays]} or {"error"}
+    checked = Signal(object)  # {"rows": [(name, max_abs, scale)], "max_abs", "dtype", ...} or {"error"}
 
     def __init__(self, factory: Callable[[], Any]) -> None:
         super().__init__()
         self._factory = factory
         self.engine: Any = None
         self.cancel_flag = threading.Event()
+        self.gui_generating = False  # True while a GUI chat (not a server job) runs here
 
     def _engine(self) -> Any:
         if self.engine is None:
@@ -148,6 +150,7 @@ class EngineWorker(QObject):
         stats: dict = {}
         text = []
         gen = None
+        self.gui_generating = True
         try:
             eng = self._engine()
             gen = eng.chat(list(messages), make_params(dict(params)))
@@ -165,6 +168,7 @@ class EngineWorker(QObject):
             self.failed.emit(req, error_text(e))
             return
         finally:
+            self.gui_generating = False
             if gen is not None and hasattr(gen, "close"):
                 gen.close()
         try:
@@ -175,6 +179,13 @@ class EngineWorker(QObject):
                 stats.get("generated_tokens", len(text))
             )
         self.finished.emit(req, stats)
+
+    @Slot(object)
+    def run_job(self, job: object) -> None:
+        """A generation asked for by another thread (the local server); see `app.gui.serving`.
+
+        Runs here, on the engine thread, so it is serialised with the window's own chats."""
+        job.run(self._engine())  # type: ignore[attr-defined]
 
     @Slot(int, object)
     def count(self, tag: int, messages: object) -> None:
@@ -238,6 +249,30 @@ class EngineWorker(QObject):
         except Exception as e:  # noqa: BLE001
             self.looked.emit({"error": error_text(e)})
 
+    @Slot(str)
+    def check_math(self, prompt: str) -> None:
+        """`engine.inspect.check_math`: the engine vs a float64 numpy forward, per layer."""
+        try:
+            from engine.inspect import check_math
+
+            loaded = getattr(self.engine, "loaded", None)
+            if loaded is None:
+                raise RuntimeError("no model is loaded")
+            r = check_math(loaded, prompt) if prompt.strip() else check_math(loaded)
+            self.checked.emit(
+                {
+                    "rows": [(row.name, float(row.max_abs), float(row.scale)) for row in r.rows],
+                    "max_abs": float(r.max_abs),
+                    "max_rel": float(r.max_rel),
+                    "ok": bool(r.ok),
+                    "dtype": r.dtype,
+                    "tolerance": float(r.tolerance),
+                    "n_tokens": int(r.n_tokens),
+                }
+            )
+        except Exception as e:  # noqa: BLE001
+            self.checked.emit({"error": error_text(e)})
+
 
 class EngineClient(QObject):
     """The GUI thread's handle on the engine thread."""
@@ -249,6 +284,8 @@ class EngineClient(QObject):
     _do_count = Signal(int, object)
     _do_inspect = Signal()
     _do_look = Signal(str)
+    _do_check = Signal(str)
+    _do_job = Signal(object)
 
     loaded = Signal(object)
     load_failed = Signal(str)
@@ -259,6 +296,7 @@ class EngineClient(QObject):
     counted = Signal(int, int)  # tag (e.g. a conversation id), tokens
     inspected = Signal(object)
     looked = Signal(object)
+    checked = Signal(object)
     busy_changed = Signal(bool)
 
     def __init__(self, factory: Callable[[], Any] = default_engine_factory, parent=None) -> None:
@@ -274,6 +312,8 @@ class EngineClient(QObject):
         self._do_count.connect(self.worker.count)
         self._do_inspect.connect(self.worker.inspect)
         self._do_look.connect(self.worker.look)
+        self._do_check.connect(self.worker.check_math)
+        self._do_job.connect(self.worker.run_job)
         for name in (
             "loaded",
             "load_failed",
@@ -284,6 +324,7 @@ class EngineClient(QObject):
             "counted",
             "inspected",
             "looked",
+            "checked",
         ):
             getattr(self.worker, name).connect(getattr(self, name))
         self.loaded.connect(self._on_loaded)
@@ -326,11 +367,19 @@ class EngineClient(QObject):
     def look(self, prompt: str) -> None:
         self._do_look.emit(prompt)
 
+    def check_math(self, prompt: str = "") -> None:
+        """Engine vs float64 reference on the engine thread; `checked(dict)` answers."""
+        self._do_check.emit(prompt)
+
+    def submit_job(self, job: Any) -> None:
+        """Queue `job.run(engine)` on the engine thread (callable from any thread)."""
+        self._do_job.emit(job)
+
     def cancel(self) -> None:
         """Thread-safe: the worker stops at its next step, the engine within one token."""
         self.worker.cancel_flag.set()
         eng = self.worker.engine
-        if eng is not None:
+        if eng is not None and self.worker.gui_generating:  # not a server request
             try:
                 eng.cancel()
             except Exception:  # noqa: BLE001
