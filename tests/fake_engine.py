@@ -188,6 +188,42 @@ class FakeEngine:
         return self.chat([{"role": "user", "content": prompt}], params)
 
 
+class CharTokenizer:
+    """One token per character (ids modulo the vocabulary), for the teaching model below."""
+
+    def __init__(self, vocab: int = 128) -> None:
+        self.vocab = vocab
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) % self.vocab for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(int(i)) for i in ids)
+
+
+@dataclass
+class TeachingEngine(FakeEngine):
+    """The fake engine holding a real model: engine/models/tiny.py (random weights) with a
+    character tokenizer, so the Inspector's look/check-the-math run the real engine code."""
+
+    ffn: str = "moe"
+    n_layers: int = 3
+
+    def load(self, path: str, adapter: str | None = None) -> FakeInfo:
+        info = super().load(path, adapter)
+        import mlx.core as mx
+
+        from engine.models.tiny import Model, ModelArgs
+
+        mx.random.seed(0)
+        args = ModelArgs(
+            vocab_size=128, hidden_size=32, num_layers=self.n_layers, num_heads=4,
+            intermediate_size=64, ffn=self.ffn, num_experts=6, top_k=2,
+        )
+        self.loaded = SimpleNamespace(model=Model(args), tokenizer=CharTokenizer(), config={})
+        return info
+
+
 class _TinyModel:
     """Just enough of an MLX module for the inspector: a nested parameter tree."""
 

@@ -82,6 +82,16 @@ def make_params(values: dict) -> Any:
     return SamplingParams(**{k: v for k, v in clean.items() if k in names})
 
 
+def n_experts_of(model: Any) -> int:
+    """Routed experts per MoE layer from the model's args (0 when it names none)."""
+    args = getattr(model, "args", None)
+    for key in ("n_routed_experts", "num_experts", "num_local_experts"):
+        n = getattr(args, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return 0
+
+
 class EngineWorker(QObject):
     """Lives on the engine thread; every slot runs there."""
 
@@ -93,7 +103,7 @@ class EngineWorker(QObject):
     failed = Signal(int, str)
     counted = Signal(int, int)  # tag (e.g. a conversation id), tokens
     inspected = Signal(object)  # {"rows": [(name, shape, format, bytes, part)], "summary": {}}
-    looked = Signal(object)  # {"tokens", "top_next", "attention": [(H, L, L) arrays]} or {"error"}
+    looked = Signal(object)  # {"tokens", "top_next", "attention", "router", ...} or {"error"}
     checked = Signal(object)  # {"rows": [(name, max_abs, scale)], "max_abs", "dtype", ...} or {"error"}
 
     def __init__(self, factory: Callable[[], Any]) -> None:
@@ -244,8 +254,17 @@ class EngineWorker(QObject):
             loaded = getattr(self.engine, "loaded", None)
             if loaded is None:
                 raise RuntimeError("no model is loaded")
-            r = look(loaded, prompt, top_k=10, router=False)
-            self.looked.emit({"tokens": r.tokens, "top_next": r.top_next, "attention": r.attention})
+            r = look(loaded, prompt, top_k=10, router=True)
+            self.looked.emit(
+                {
+                    "tokens": r.tokens,
+                    "top_next": r.top_next,
+                    "attention": r.attention,
+                    "router": dict(r.router),  # layer -> (expert ids (L, k), weights (L, k))
+                    "n_experts": n_experts_of(loaded.model),
+                    "residual_norms": r.residual_norms,
+                }
+            )
         except Exception as e:  # noqa: BLE001
             self.looked.emit({"error": error_text(e)})
 

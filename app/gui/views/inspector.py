@@ -4,14 +4,16 @@ part, bytes), totals by part and the KV-cache cost per token.
 The table comes from the engine thread (`EngineClient.inspect`: `engine.inspect.storage`, or
 `mlx.utils.tree_flatten` of the parameters when that is missing); this view only shows it.
 "Look at a prompt" runs `engine.inspect.look` there too: an attention map per layer and head
-and the next-token probabilities.
+(axes labelled with the prompt's tokens), the next-token probabilities and, for MoE models, the
+expert-routing grid. "Check the math" compares the engine with a float64 numpy forward
+(app/gui/views/inspector_panels.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtCore import QSortFilterProxyModel
+from PySide6.QtCore import QSortFilterProxyModel, Qt
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
@@ -19,6 +21,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPushButton,
     QSpinBox,
+    QSplitter,
     QTableView,
     QTabWidget,
     QVBoxLayout,
@@ -26,6 +29,9 @@ from PySide6.QtWidgets import (
 )
 
 from app.gui.models.library import RecordTableModel, human_bytes
+from app.gui.views.inspector_panels import MathPanel, RoutingGrid, token_label
+
+MAX_TICKS = 32  # token labels per attention axis; longer prompts label every n-th token
 
 
 class ParameterTableModel(RecordTableModel):
@@ -66,6 +72,7 @@ class LookPanel(QWidget):
         for w in (self.button, self.layer, self.head):
             row.addWidget(w)
         self.note = QLabel("Attention probabilities: row = query token, column = key token.")
+        self.note.setWordWrap(True)
         self.top = TopNextModel(self)
         top_view = QTableView()
         top_view.setModel(self.top)
@@ -78,16 +85,27 @@ class LookPanel(QWidget):
         self.plot = pg.PlotWidget(background=None)
         self.plot.setAspectLocked(True)
         self.plot.invertY(True)
+        self.plot.setLabel("bottom", "key token (attended to)")
+        self.plot.setLabel("left", "query token")
         self.image = pg.ImageItem()
         self.image.setColorMap(pg.colormap.get("viridis"))
         self.plot.addItem(self.image)
-        body = QHBoxLayout()
+        top = QWidget()
+        body = QHBoxLayout(top)
+        body.setContentsMargins(0, 0, 0, 0)
         body.addWidget(self.plot, 1)
         body.addWidget(top_view)
+        self.routing = RoutingGrid()
+        self.routing.hide()
+        split = QSplitter(Qt.Vertical)
+        split.addWidget(top)
+        split.addWidget(self.routing)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)
         lay = QVBoxLayout(self)
         lay.addLayout(row)
         lay.addWidget(self.note)
-        lay.addLayout(body, 1)
+        lay.addWidget(split, 1)
         window.client.looked.connect(self._on_result)
 
     def run(self) -> None:
@@ -110,7 +128,18 @@ class LookPanel(QWidget):
         self.top.set_rows(result["top_next"])
         toks = " · ".join(repr(t) for t in result["tokens"])
         self.note.setText(f"{len(result['tokens'])} tokens: {toks}")
+        self._label_axes(result["tokens"])
+        self.routing.show_routes(
+            result["tokens"], result.get("router") or {}, result.get("n_experts", 0)
+        )
         self._draw()
+
+    def _label_axes(self, tokens: list[str]) -> None:
+        """Tick each row/column of the map with its token (pixel i spans [i, i + 1])."""
+        step = max(1, -(-len(tokens) // MAX_TICKS))
+        ticks = [(i + 0.5, token_label(t)) for i, t in enumerate(tokens) if i % step == 0]
+        for side in ("bottom", "left"):
+            self.plot.getAxis(side).setTicks([ticks, []])
 
     def _draw(self) -> None:
         att = self.result.get("attention") or []
@@ -157,6 +186,9 @@ class InspectorView(QWidget):
         tabs = QTabWidget()
         tabs.addTab(storage_page, "What it stores")
         tabs.addTab(self.look_panel, "Look at a prompt")
+        self.math_panel = MathPanel(window)
+        tabs.addTab(self.math_panel, "Check the math")
+        self.tabs = tabs
         lay = QVBoxLayout(self)
         lay.setContentsMargins(12, 8, 12, 8)
         lay.addWidget(title)
