@@ -218,10 +218,19 @@ def launch(hosts: Hosts, argv: list[str], python: str | None = None) -> int:
     cmd = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
            "--hostfile", name, "--backend", "ring", "--python", py, "--cwd", os.getcwd(),
            "--starting-port", str(free_ports(1)[0]), "--", *argv]
+    # mlx.launch exits 0 whatever its ranks did; its warnings on stderr say which one failed
+    failed = False
     try:
-        return subprocess.call(cmd)
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+        for line in proc.stderr:  # type: ignore[union-attr]
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if "Node with rank" in line and ("exited with code" in line or "was killed" in line):
+                failed = True
+        code = proc.wait()
     finally:
         os.unlink(name)
+    return code or (1 if failed else 0)
 
 
 def relaunch_cli(hosts_file: str, argv: list[str] | None = None) -> int:

@@ -256,7 +256,7 @@ def test_shares_move_layers(checkpoints, tmp_path):
     assert reps[0]["tokens"] == _single(folder)["tokens"]
 
 
-@pytest.mark.parametrize("hang", [False, True], ids=["killed", "hung"])
+@pytest.mark.parametrize("hang", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["killed", "hung"])
 def test_lost_rank_stops_rank0_with_clear_error(checkpoints, tmp_path, hang):
     folder = checkpoints["llama"]
     env = {"TEST_DIE_AFTER": "3", "LATENT_DIST_TIMEOUT": "4"}
