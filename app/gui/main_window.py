@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QSize, Qt
+from PySide6.QtCore import QSize, Qt, QTimer
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.gui.memory import mlx_active, process_rss
 from app.gui.models.library import discover_local_models, human_bytes
 from app.gui.serving import ServerController, is_loopback
 from app.gui.views.chat import ChatView
@@ -194,6 +195,19 @@ class MainWindow(QMainWindow):
         self.model_label.setStyleSheet("color: palette(mid); padding: 0 8px;")
         self.model_label.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         bar.addWidget(self.model_label)
+        self.mem_label = QLabel("")
+        self.mem_label.setStyleSheet("padding: 0 8px;")
+        self.mem_label.setToolTip(
+            "Memory in use now: the whole app (resident) and MLX's arrays; "
+            "the model's weights are shown beside the model's name"
+        )
+        bar.addWidget(self.mem_label)
+        self.mem_timer = QTimer(self)
+        self.mem_timer.setInterval(2000)
+        self.mem_timer.timeout.connect(self.refresh_memory)
+        self.mem_timer.start()
+        self.mem_rss: int | None = None
+        self.mem_mlx: int | None = None
         self.adapter_check = QCheckBox("Adapter")
         self.adapter_check.setToolTip("Apply a LoRA adapter to the loaded model")
         self.adapter_combo = QComboBox()
@@ -224,6 +238,7 @@ class MainWindow(QMainWindow):
         self.client.busy_changed.connect(self._update_toolbar)
         self.refresh_models()
         self._update_toolbar()
+        self.refresh_memory()
 
     def refresh_models(self) -> None:
         current = self.model_combo.currentData()
@@ -297,6 +312,17 @@ class MainWindow(QMainWindow):
         self.adapter_combo.setEnabled(not busy and has_adapters)
         if hasattr(self, "serve_btn"):
             self.serve_btn.setEnabled(self.client.info is not None or self.serve_btn.isChecked())
+
+    def refresh_memory(self) -> None:
+        """The live memory figures (a timer calls this every 2 s)."""
+        rss, current = process_rss()
+        self.mem_rss, self.mem_mlx = rss, mlx_active()
+        bits = []
+        if rss:
+            bits.append(f"{'memory' if current else 'peak memory'} {human_bytes(rss)}")
+        if self.mem_mlx:
+            bits.append(f"MLX {human_bytes(self.mem_mlx)}")
+        self.mem_label.setText("  ·  ".join(bits))
 
     # ---- "Serve this model" --------------------------------------------------------------
     def serve_settings(self) -> tuple[str, int, str]:
@@ -395,6 +421,7 @@ class MainWindow(QMainWindow):
             bits.append(f"adapter {Path(str(info['adapter'])).name}")
         self.model_label.setText("  ·  ".join(bits))
         self.model_label.setToolTip(path)
+        self.refresh_memory()
         self.status.setText("Ready")
         if self.server.active and self.server.model_name != self._served_name():
             self._serve_restart = True  # serve the new model under its own name
@@ -421,6 +448,7 @@ class MainWindow(QMainWindow):
         super().closeEvent(event)
 
     def shutdown(self) -> None:
+        self.mem_timer.stop()
         for view in self.views.values():
             if hasattr(view, "shutdown"):
                 view.shutdown()
