@@ -292,7 +292,7 @@ def load_stage(path_or_repo: str | Path, group: mx.distributed.Group, shares: li
     me, n = group.rank(), group.size()
     ranges = split_layers(layer_bytes, shares or [1.0] * n,
                           sum(weights[k].nbytes for k in first_keys),
-                          sum(weights[k].nbytes for k in last_keys - first_keys))
+                          sum(weights[k].nbytes for k in last_keys))  # a tied head is a 2nd copy
     start, end = ranges[me]
     keep = (first_keys if me == 0 else set()) | (last_keys if me == n - 1 else set())
 

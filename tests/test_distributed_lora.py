@@ -4,7 +4,7 @@ Proves, on a tiny random llama with its own BPE tokenizer: `latent finetune --ho
 `mlx.launch`, two ranks on 127.0.0.1; 3 chunks per micro-batch split 2+1, gradient accumulation 2)
 gives the same per-step losses (1e-5) and the same adapter as `train()` in one process, with one
 log line per step (rank 1 writes nothing); a rank killed mid-run makes the other stop with one clear
-error in seconds; the run then resumes from its last checkpoint with two processes and again with one,
+error in seconds, and one that hangs (alive, silent) is given up after LATENT_DIST_TIMEOUT; the run then resumes from its last checkpoint with two processes and again with one,
 and every loss equals the uninterrupted run's. The ring's all-reduce moves the gradient bytes the
 formula 2(n-1)/n says (checked in bench/, see BENCHMARKS.md).
 
@@ -44,6 +44,8 @@ def _rank_main(spec_json: str) -> None:
             if ev.kind == "step":
                 losses.append([ev.step, ev.loss])
                 if ev.step == spec.get("die_after") and me == spec.get("die_rank", 1):
+                    if spec.get("hang"):
+                        time.sleep(3600)  # alive, socket open, never answers
                     os._exit(9)
     except LatentError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -148,21 +150,26 @@ def test_cli_two_ranks_equal_one_process(tiny, tmp_path):
         np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0, err_msg=k)
 
 
-def _spawn(n: int, spec: dict, timeout: float = 240) -> tuple[list[subprocess.CompletedProcess], float]:
+def _spawn(n: int, spec: dict, timeout: float = 240, env: dict | None = None,
+           wait: int | None = None) -> tuple[list[subprocess.CompletedProcess], float]:
+    """Run n ranks; wait for all of them (or only for rank `wait`, killing the rest after)."""
     from engine.distributed import spawn_local
 
     t0 = time.monotonic()
-    procs = spawn_local(n, [str(HERE), json.dumps(spec)], env=_env(),
+    procs = spawn_local(n, [str(HERE), json.dumps(spec)], env={**_env(), **(env or {})},
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = []
     try:
-        for p in procs:
+        for r, p in enumerate(procs):
+            if wait is not None and r != wait:
+                continue
             so, se = p.communicate(timeout=timeout)
             done.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.communicate()
     return done, time.monotonic() - t0
 
 
@@ -199,6 +206,21 @@ def test_killed_rank_stops_the_other_and_run_resumes(tiny, tmp_path):
     got = _adapter(Path(cfg["out"]))
     for k, v in tiny["adapter"].items():
         np.testing.assert_allclose(got[k], v, atol=1e-5, rtol=0, err_msg=k)
+
+
+@pytest.mark.slow
+def test_hung_rank_stops_the_other_within_the_timeout(tiny, tmp_path):
+    """A rank that stays alive but never answers (socket open): the watchdog ends rank 0."""
+    from engine.distributed import EXIT_PEER_LOST
+
+    cfg = _config(tiny["model"], tiny["data"], tmp_path, "hang")
+    runs, elapsed = _spawn(2, {"config": cfg, "out": str(tmp_path / "l"), "die_after": 2, "hang": True},
+                           env={"LATENT_DIST_TIMEOUT": "4"}, wait=0, timeout=120)
+    assert runs[0].returncode == EXIT_PEER_LOST, runs[0].stderr[-2000:]
+    err = [ln for ln in runs[0].stderr.splitlines() if ln.startswith("error:")]
+    assert err and "rank 0: no answer for 4 s" in err[-1]
+    assert elapsed < 60
+    assert json.loads((Path(cfg["run_dir"]) / "latest.json").read_text())["step"] == 2  # resumable
 
 
 if __name__ == "__main__":
