@@ -32,7 +32,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (same seed, same output)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--hosts", metavar="FILE", help="split the model's layers over these hosts (see `latent hosts`)")
+    p.add_argument(
+        "--hosts",
+        metavar="FILE",
+        help="split the model's layers over these hosts (see `latent hosts`)",
+    )
 
 
 def resolve_model(arg: str | None) -> str:
