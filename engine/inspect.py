@@ -36,7 +36,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from engine.inspect_ref import family_of, reference_forward
+from engine.inspect_ref import FAMILIES, family_of, reference_forward
 
 PARTS = ("embeddings", "attention", "norms", "mlp", "experts", "router", "lora", "other")
 
@@ -294,8 +294,8 @@ def look(
         model.capture = rec_router
     try:
         with (
-            tap_layers(model) as hidden,
             capture_attention(model) if attention else contextlib.nullcontext([]) as att,
+            tap_layers(model) as hidden,
         ):
             logits = model(x)
             mx.eval(logits, hidden, att)
@@ -390,7 +390,7 @@ def check_math(
 
     model = loaded.model
     cfg = reference_config(loaded)
-    if family_of(cfg.get("model_type", "")) not in ("llama", "qwen2", "qwen3", "gpt2", "tiny"):
+    if family_of(cfg.get("model_type", "")) not in FAMILIES:
         raise ValueError(f"check_math: no reference for model_type {cfg.get('model_type')!r}")
     ids = _ids_of(loaded, prompt)
     with tap_layers(model) as hidden:

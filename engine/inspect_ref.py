@@ -7,8 +7,10 @@ residual stream after the embedding and after every layer, the final-normed hidd
 logits, and (on request) each layer's attention probabilities (H, L, L).
 
 Families: llama (mistral, smollm), qwen2, qwen3 (dense, with RoPE default/linear/llama3/yarn and
-GGUF freq factors, half-split or interleaved pairs), gpt2, and tiny (the teaching model of
-engine/models/tiny.py, dense and MoE, every positional/attention/norm choice but MLA).
+GGUF freq factors, half-split or interleaved pairs), gpt2, deepseek_v2/v3 (multi-head latent
+attention built per head from the latent, greedy / group-limited / noaux_tc routing, shared
+experts), and tiny (the teaching model of engine/models/tiny.py, dense and MoE, every
+positional/attention/norm choice but MLA).
 Biases and qk-norm are read from which tensors exist.
 
 No MLX here by design: this module imports only numpy and math, so an error in the engine's
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 ALIASES = {"mistral": "llama", "smollm": "llama", "smollm2": "llama"}
-FAMILIES = ("llama", "qwen2", "qwen3", "gpt2", "tiny")
+FAMILIES = ("llama", "qwen2", "qwen3", "gpt2", "tiny", "deepseek_v2", "deepseek_v3")
 
 
 @dataclass
@@ -367,7 +369,121 @@ def _tiny(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult:
     return res
 
 
-_FORWARDS = {"llama": _llama, "qwen2": _llama, "qwen3": _llama, "gpt2": _gpt2, "tiny": _tiny}
+def _swiglu(w: dict, prefix: str, h: np.ndarray, actname: str) -> np.ndarray:
+    a = act(actname, linear(h, w, prefix + "gate_proj"))
+    return linear(a * linear(h, w, prefix + "up_proj"), w, prefix + "down_proj")
+
+
+def deepseek_route(
+    config: dict, logits: np.ndarray, bias: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek V2/V3 router: (N, E) logits -> expert ids (N, k) and weights (N, k)."""
+    k = config["num_experts_per_tok"]
+    v3 = family_of(config.get("model_type", "")) == "deepseek_v3"  # V3 configs may omit these keys
+    scoring = config.get("scoring_func") or ("sigmoid" if v3 else "softmax")
+    scores = softmax(logits) if scoring == "softmax" else 1 / (1 + np.exp(-logits))
+    choice = scores if bias is None else scores + bias
+    method = config.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+    G, TG = config.get("n_group") or 1, config.get("topk_group") or 1
+    N, E = choice.shape
+    if method != "greedy" and G > 1 and TG < G:
+        grouped = choice.reshape(N, G, E // G)
+        if method == "noaux_tc":  # a group scores the sum of its two best experts
+            gs = np.sort(grouped, axis=-1)[..., -min(2, E // G) :].sum(-1)
+        else:  # group_limited_greedy: a group scores its best expert
+            gs = grouped.max(-1)
+        keep = np.argsort(-gs, axis=-1, kind="stable")[:, :TG]
+        allowed = np.zeros((N, G), bool)
+        np.put_along_axis(allowed, keep, True, axis=-1)
+        choice = np.where(np.repeat(allowed, E // G, axis=-1), choice, -np.inf)
+    ids = np.argsort(-choice, axis=-1, kind="stable")[:, :k]
+    weights = np.take_along_axis(scores, ids, -1)
+    normalize = bool(config.get("norm_topk_prob")) and k > 1
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    factor = float(config.get("routed_scaling_factor", 1.0))
+    if factor != 1.0 and (v3 or not normalize):  # V2 scales only weights it did not normalise
+        weights = weights * factor
+    return ids, weights
+
+
+def _deepseek(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult:
+    """DeepSeek V2/V3: multi-head latent attention (materialised per head) and routed + shared
+    SwiGLU experts (engine names: stacked `mlp.switch_mlp.*` (E, out, in))."""
+    H, eps = config["num_attention_heads"], config.get("rms_norm_eps", 1e-6)
+    nope, rope_d, vd = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    r = config["kv_lora_rank"]
+    L = len(ids)
+    pos = np.arange(L)
+    rope = rope_inv_freq(rope_d, config)
+    inter = bool(config.get("rope_interleave", True))
+    scale = (nope + rope_d) ** -0.5
+    p = rope_params(config)
+    if p["rope_type"] != "default" and p.get("mscale_all_dim"):
+        f, m = float(p["factor"]), float(p["mscale_all_dim"])
+        mscale = 0.1 * m * math.log(f) + 1.0 if f > 1 else 1.0
+        scale = scale * mscale * mscale
+    actname = config.get("hidden_act", "silu")
+    x = w["model.embed_tokens.weight"][ids]
+    res = RefResult(hidden=[x], final=x, logits=x)
+    for i in range(config["num_hidden_layers"]):
+        pa = f"model.layers.{i}.self_attn."
+        h = rms_norm(x, w[f"model.layers.{i}.input_layernorm.weight"], eps)
+        if pa + "q_proj.weight" in w:
+            q = linear(h, w, pa + "q_proj")
+        else:
+            q = linear(
+                rms_norm(linear(h, w, pa + "q_a_proj"), w[pa + "q_a_layernorm.weight"], eps),
+                w,
+                pa + "q_b_proj",
+            )
+        q = q.reshape(L, H, nope + rope_d).transpose(1, 0, 2)  # (H, L, nope + rope)
+        ckv = linear(h, w, pa + "kv_a_proj_with_mqa")
+        c, k_pe = ckv[:, :r], ckv[:, r:]
+        c = rms_norm(c, w[pa + "kv_a_layernorm.weight"], eps)  # the cached latent (L, r)
+        kv = linear(c, w, pa + "kv_b_proj").reshape(L, H, nope + vd).transpose(1, 0, 2)
+        k_nope, v = kv[..., :nope], kv[..., nope:]
+        q_pe = apply_rope(q[..., nope:], pos, rope, rope_d, inter)
+        k_pe = apply_rope(k_pe[None], pos, rope, rope_d, inter)  # (1, L, rope): one for all heads
+        k = np.concatenate([k_nope, np.repeat(k_pe, H, axis=0)], axis=-1)
+        o, probs = attend(np.concatenate([q[..., :nope], q_pe], -1), k, v, scale, None)
+        if want_attn:
+            res.attention.append(probs)
+        x = x + linear(o.transpose(1, 0, 2).reshape(L, -1), w, pa + "o_proj")
+        pm = f"model.layers.{i}.mlp."
+        h = rms_norm(x, w[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
+        if pm + "gate.weight" in w:
+            e_ids, e_w = deepseek_route(
+                config, h @ w[pm + "gate.weight"].T, w.get(pm + "gate.e_score_correction_bias")
+            )
+            res.router.append((e_ids, e_w))
+            g, u, d = (
+                w[pm + f"switch_mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")
+            )
+            y = np.zeros_like(h)
+            for t in range(L):
+                for e, wt in zip(e_ids[t], e_w[t]):
+                    y[t] += wt * ((act(actname, g[e] @ h[t]) * (u[e] @ h[t])) @ d[e].T)
+            if pm + "shared_experts.gate_proj.weight" in w:
+                y = y + _swiglu(w, pm + "shared_experts.", h, actname)
+        else:
+            y = _swiglu(w, pm, h, actname)
+        x = x + y
+        res.hidden.append(x)
+    res.final = rms_norm(x, w["model.norm.weight"], eps)
+    res.logits = res.final @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
+    return res
+
+
+_FORWARDS = {
+    "llama": _llama,
+    "qwen2": _llama,
+    "qwen3": _llama,
+    "gpt2": _gpt2,
+    "tiny": _tiny,
+    "deepseek_v2": _deepseek,
+    "deepseek_v3": _deepseek,
+}
 
 
 def reference_forward(

@@ -55,6 +55,49 @@ CASES = {
     ),
 }
 IDS = [3, 17, 5, 60, 22, 9, 41, 8]
+DS = dict(
+    vocab_size=64,
+    hidden_size=48,
+    intermediate_size=64,
+    moe_intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=256,
+)
+
+
+def _deepseek(family: str):
+    Config, Model = {
+        "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+        "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+    }[family]
+    extra = (
+        dict(q_lora_rank=20, n_group=4, topk_group=2, norm_topk_prob=True)
+        if family == "deepseek_v3"
+        else {}
+    )
+    model = Model(Config(**DS, **extra))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # large enough weights that routing is not a coin toss
+        for name, p in model.named_parameters():
+            p.copy_(
+                (1.0 if "norm" in name else 0.0)
+                + (0.1 if "norm" in name else 0.15) * torch.randn(p.shape, generator=g)
+            )
+    return model
+
+
+CASES["deepseek_v2"] = lambda: _deepseek("deepseek_v2")
+CASES["deepseek_v3"] = lambda: _deepseek("deepseek_v3")
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -101,6 +144,22 @@ def test_attention_capture(loaded):
         assert np.all(np.triu(p, k=1) == 0.0)
         assert np.abs(p - r).max() < 1e-5
     assert lk.residual_norms.shape == (n_layers + 1, L)
+    moe = (
+        [i for i, layer in enumerate(loaded.model.layers) if "switch_mlp" in layer.mlp]
+        if "kv_lora_rank" in loaded.config
+        else []
+    )
+    assert sorted(lk.router) == moe
+    for i, (ids, w) in zip(moe, ref.router):  # same experts chosen, same weights, per token
+        got_ids, got_w = lk.router[i]
+        assert got_ids.shape == (L, 2) and got_w.shape == (L, 2)
+        order, ref_order = np.argsort(got_ids, -1), np.argsort(ids, -1)
+        assert np.array_equal(
+            np.take_along_axis(got_ids, order, -1), np.take_along_axis(ids, ref_order, -1)
+        )
+        np.testing.assert_allclose(
+            np.take_along_axis(got_w, order, -1), np.take_along_axis(w, ref_order, -1), atol=1e-5
+        )
     np.testing.assert_allclose(
         lk.residual_norms[-1], np.linalg.norm(ref.hidden[-1], axis=-1), rtol=1e-5
     )
@@ -128,6 +187,15 @@ def test_storage(loaded):
     assert sum(st.totals.values()) == st.total_bytes
     assert st.totals["attention"] > 0 and st.totals["embeddings"] > 0 and st.totals["norms"] > 0
     cfg = loaded.config
+    if "kv_lora_rank" in cfg:  # MLA: latent + shared rotary key vs per-head K (nope + rope) and V
+        L, H = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        assert st.kv_bytes_per_token == L * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+        assert (
+            st.kv_bytes_per_token_full
+            == L * H * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"]) * 4
+        )
+        assert st.totals["experts"] > 0 and st.totals["router"] > 0
+        return
     layers = cfg.get("num_hidden_layers") or cfg["n_layer"]
     heads = cfg.get("num_attention_heads") or cfg["n_head"]
     kv = cfg.get("num_key_value_heads") or heads
