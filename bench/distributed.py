@@ -77,7 +77,9 @@ def trainable_bytes(config: dict) -> int:
 
     loaded = engine.load(config["model"])
     n = len(loaded.model.layers)
-    L.apply_lora(loaded.model, config.get("targets", "all"), config["rank"], config["alpha"], 0.0, n)
+    L.apply_lora(
+        loaded.model, config.get("targets", "all"), config["rank"], config["alpha"], 0.0, n
+    )
     return sum(v.nbytes for _, v in tree_flatten(loaded.model.trainable_parameters()))
 
 
@@ -87,8 +89,9 @@ def run(n: int, config: dict, out: Path) -> dict:
     spec = json.dumps({"config": config, "out": str(out)})
     env = {}
     if n == 1:
-        subprocess.run([sys.executable, str(HERE), "--rank-spec", spec], check=True,
-                       env={**os.environ, **env})
+        subprocess.run(
+            [sys.executable, str(HERE), "--rank-spec", spec], check=True, env={**os.environ, **env}
+        )
         return {0: json.loads(Path(f"{out}.0").read_text())}
     procs = spawn_local(n, [str(HERE), "--rank-spec", spec], env=env)
     for p in procs:
@@ -105,6 +108,9 @@ def main() -> None:
     ap.add_argument("--data")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="alternate 1, N, ... processes this many times"
+    )
     ap.add_argument("--rank-spec")
     args = ap.parse_args()
     if args.rank_spec:
@@ -117,32 +123,68 @@ def main() -> None:
         from test_distributed_lora import make_tiny
 
         model, data = make_tiny(root, hidden=256, layers=4, docs=40)
-    config = dict(model=str(model), data=str(data), run_dir=str(root / "run"), out=str(root / "adapter"),
-                  rank=8, alpha=16.0, max_seq_len=args.seq, batch_size=args.batch, grad_accum=1,
-                  max_steps=args.steps, eval_every=0, save_every=0, val_fraction=0.0, val_batches=1,
-                  seed=0)
+    config = dict(
+        model=str(model),
+        data=str(data),
+        run_dir=str(root / "run"),
+        out=str(root / "adapter"),
+        rank=8,
+        alpha=16.0,
+        max_seq_len=args.seq,
+        batch_size=args.batch,
+        grad_accum=1,
+        max_steps=args.steps,
+        eval_every=0,
+        save_every=0,
+        val_fraction=0.0,
+        val_batches=1,
+        seed=0,
+    )
     p_bytes = trainable_bytes(config)
+    counts = [1, *args.procs]
+    tps_runs: dict[int, list[float]] = {n: [] for n in counts}
+    measured: dict[int, list[float]] = {n: [] for n in counts}
+    for i in range(args.rounds):  # alternate, so a busy moment of the machine hits every count
+        for n in counts:
+            cfg = {
+                **config,
+                "run_dir": str(root / f"run{n}-{i}"),
+                "out": str(root / f"adapter{n}-{i}"),
+            }
+            res = run(n, cfg, root / f"out{n}-{i}")
+            tps_runs[n].append(statistics.median(res[0]["tps"][1:]))
+            if n > 1:
+                measured[n] += [
+                    (r["bytes"][-1] - r["bytes"][0]) / (args.steps - 1) for r in res.values()
+                ]
     rows = []
-    for n in [1, *args.procs]:
-        cfg = {**config, "run_dir": str(root / f"run{n}"), "out": str(root / f"adapter{n}")}
-        res = run(n, cfg, root / f"out{n}")
-        tps = statistics.median(res[0]["tps"][1:])
-        if n > 1:
-            per_step = [(r["bytes"][-1] - r["bytes"][0]) / (args.steps - 1) for r in res.values()]
-            measured = statistics.mean(per_step)
-            formula = 2 * (n - 1) / n * (p_bytes + 16)
-        else:
-            measured = formula = 0.0
-        rows.append((n, tps, measured, formula))
-    print(f"\ntrainable (LoRA) bytes: {p_bytes:,}; model {model}; seq {args.seq}, global batch {args.batch}, "
-          f"{args.steps} steps\n")
-    print("| processes | tokens/s (median) | vs 1 process | bytes sent per step per rank (measured) "
-          "| ring formula 2(n-1)/n × bytes | measured / formula |")
-    print("|---|---|---|---|---|---|")
+    for n in counts:
+        formula = 2 * (n - 1) / n * (p_bytes + 16) if n > 1 else 0.0
+        rows.append(
+            (
+                n,
+                statistics.median(tps_runs[n]),
+                statistics.mean(measured[n]) if n > 1 else 0.0,
+                formula,
+                tps_runs[n],
+            )
+        )
+    print(
+        f"\ntrainable (LoRA) bytes: {p_bytes:,}; model {model}; seq {args.seq}, global batch {args.batch}, "
+        f"{args.steps} steps\n"
+    )
+    print(
+        "| processes | tokens/s (median of rounds) | each round | vs 1 process | bytes sent per step "
+        "per rank (measured) | ring formula 2(n-1)/n × (bytes + 16) | measured / formula |"
+    )
+    print("|---|---|---|---|---|---|---|")
     base = rows[0][1]
-    for n, tps, meas, form in rows:
-        ratio = f"{meas / form:.3f}" if form else "-"
-        print(f"| {n} | {tps:.0f} | {tps / base:.2f}x | {meas:,.0f} | {form:,.0f} | {ratio} |")
+    for n, tps, meas, form, each in rows:
+        ratio = f"{meas / form:.4f}" if form else "-"
+        print(
+            f"| {n} | {tps:.0f} | {', '.join(f'{t:.0f}' for t in each)} | {tps / base:.2f}x "
+            f"| {meas:,.0f} | {form:,.0f} | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

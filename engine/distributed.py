@@ -132,14 +132,20 @@ def parse_hosts(data: Any, where: str = "hosts file") -> Hosts:
         if ips is None:
             ips = [name] if _is_ip(name) else (["127.0.0.1"] if name == "localhost" else [])
         if not isinstance(ips, list) or not all(isinstance(x, str) and _is_ip(x) for x in ips):
-            raise DistributedError(f"{where}: host #{i} ({name}): 'ips' must be a list of IP addresses")
+            raise DistributedError(
+                f"{where}: host #{i} ({name}): 'ips' must be a list of IP addresses"
+            )
         if not ips:
             raise DistributedError(
                 f"{where}: host #{i} ({name}): the ring backend needs its IP address ('ips')"
             )
         mem = e.get("memory_gb")
-        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
-            raise DistributedError(f"{where}: host #{i} ({name}): memory_gb={mem!r} is not a positive number")
+        if mem is not None and (
+            isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0
+        ):
+            raise DistributedError(
+                f"{where}: host #{i} ({name}): memory_gb={mem!r} is not a positive number"
+            )
         hosts.append(Host(name, ips, e.get("models_dir"), mem, e.get("python")))
     return Hosts(hosts, backend, envs)
 
@@ -198,8 +204,9 @@ def ring_file(n: int, folder: str | os.PathLike | None = None) -> Path:
     return Path(name)
 
 
-def spawn_local(n: int, argv: list[str], env: dict[str, str] | None = None,
-                **popen: Any) -> list[subprocess.Popen]:
+def spawn_local(
+    n: int, argv: list[str], env: dict[str, str] | None = None, **popen: Any
+) -> list[subprocess.Popen]:
     """Start `python argv...` as ranks 0..n-1 of one ring on 127.0.0.1; returns the processes."""
     ring = ring_file(n)
     procs = []
@@ -215,9 +222,23 @@ def launch(hosts: Hosts, argv: list[str], python: str | None = None) -> int:
     with os.fdopen(fd, "w") as f:
         json.dump(hosts.to_mlx(), f)
     py = python or next((h.python for h in hosts.hosts if h.python), None) or sys.executable
-    cmd = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
-           "--hostfile", name, "--backend", "ring", "--python", py, "--cwd", os.getcwd(),
-           "--starting-port", str(free_ports(1)[0]), "--", *argv]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
+        "--hostfile",
+        name,
+        "--backend",
+        "ring",
+        "--python",
+        py,
+        "--cwd",
+        os.getcwd(),
+        "--starting-port",
+        str(free_ports(1)[0]),
+        "--",
+        *argv,
+    ]
     # mlx.launch exits 0 whatever its ranks did; its warnings on stderr say which one failed
     failed = False
     try:
@@ -258,8 +279,10 @@ class guard:
     def __enter__(self) -> guard:
         if self.seconds:
             rank = os.environ.get("MLX_RANK", "?")
-            msg = (f"rank {rank}: no answer for {self.seconds:g} s while waiting for {self.what}; "
-                   "another process is gone or stuck, stopping")
+            msg = (
+                f"rank {rank}: no answer for {self.seconds:g} s while waiting for {self.what}; "
+                "another process is gone or stuck, stopping"
+            )
             self._timer = threading.Timer(self.seconds, _abort, (msg,))
             self._timer.daemon = True
             self._timer.start()
@@ -272,7 +295,8 @@ class guard:
             rank = os.environ.get("MLX_RANK", "?")
             raise DistributedError(
                 f"rank {rank}: lost the connection to another process while waiting for "
-                f"{self.what} ({str(value).splitlines()[0]})") from None
+                f"{self.what} ({str(value).splitlines()[0]})"
+            ) from None
         return False
 
 
@@ -281,8 +305,9 @@ def default_timeout() -> float:
     return float(os.environ.get("LATENT_DIST_TIMEOUT", "120"))
 
 
-def all_sum_tree(tree: Any, group: mx.distributed.Group, what: str = "gradients",
-                 timeout: float | None = None) -> Any:
+def all_sum_tree(
+    tree: Any, group: mx.distributed.Group, what: str = "gradients", timeout: float | None = None
+) -> Any:
     """Element-wise sum of a tree of arrays over all ranks (evaluated), under a watchdog."""
     flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])
     # one message per dtype instead of one per tensor: the ring pipelines big buffers well
@@ -300,7 +325,9 @@ def all_sum_tree(tree: Any, group: mx.distributed.Group, what: str = "gradients"
     return tree_unflatten([(k, summed[k]) for k, _ in flat])
 
 
-def broadcast_tree(tree: Any, group: mx.distributed.Group, root: int = 0, what: str = "weights") -> Any:
+def broadcast_tree(
+    tree: Any, group: mx.distributed.Group, root: int = 0, what: str = "weights"
+) -> Any:
     """Rank `root`'s values of a tree whose structure and shapes every rank already shares."""
     flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])  # same order on every rank
     me = group.rank()
@@ -382,7 +409,9 @@ class DataParallel:
         if self.any(bool(bad)):
             raise DistributedError(
                 f"{what} differs between ranks (rank {self.rank}: {value}, rank 0: {ref})"
-                if bad else f"{what} differs on another rank; every host needs the same files")
+                if bad
+                else f"{what} differs on another rank; every host needs the same files"
+            )
 
     def sync(self, tree: Any, what: str) -> Any:
         return broadcast_tree(tree, self.group, 0, what)

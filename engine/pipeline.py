@@ -36,8 +36,9 @@ _HDR = 8  # cmd, B, L, offset, use_cache, full_logits, key_hi, key_lo
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def split_layers(layer_bytes: list[int], shares: list[float], first_bytes: int = 0,
-                 last_bytes: int = 0) -> list[tuple[int, int]]:
+def split_layers(
+    layer_bytes: list[int], shares: list[float], first_bytes: int = 0, last_bytes: int = 0
+) -> list[tuple[int, int]]:
     """Contiguous [start, end) layer ranges, one per rank, each rank's bytes close to its share.
 
     `first_bytes`/`last_bytes` are what the first/last rank hold besides layers (embedding, head).
@@ -73,8 +74,15 @@ def _head_keys(weights: dict[str, Any], tied: bool) -> tuple[set[str], set[str]]
 class PipelineModel(nn.Module):
     """One rank's stage of a pipelined model (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, group: mx.distributed.Group, start: int, end: int,
-                 dtype: mx.Dtype, timeout: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        group: mx.distributed.Group,
+        start: int,
+        end: int,
+        dtype: mx.Dtype,
+        timeout: float | None = None,
+    ):
         super().__init__()
         self.stage = model  # the architecture's Model, pruned to this rank's parts
         self.args = model.args
@@ -119,19 +127,25 @@ class PipelineModel(nn.Module):
         if self.closed:
             raise DistributedError("the pipeline was closed")
         if mask is not None and not isinstance(mask, str):
-            raise DistributedError("pipeline inference does not take padding masks (one prompt at a time)")
+            raise DistributedError(
+                "pipeline inference does not take padding masks (one prompt at a time)"
+            )
         B, L = inputs.shape
         offset = cache[0].offset if cache is not None else 0
         key = self._cache_key(cache) if cache is not None else 0
         full = 1 if (self.full_logits or L == 1) else 0
-        hdr = mx.array([FORWARD, B, L, offset, cache is not None, full, key >> 31, key & 0x7FFFFFFF],
-                       dtype=mx.int32)
+        hdr = mx.array(
+            [FORWARD, B, L, offset, cache is not None, full, key >> 31, key & 0x7FFFFFFF],
+            dtype=mx.int32,
+        )
         h = self._run_layers(self.stage.model.embed_tokens(inputs), cache)
         self._send(hdr, h)
         out_len = L if full else 1
         vocab = self.args.vocab_size
         with guard(self._timeout, f"logits from rank {self.size - 1}"):
-            logits = mx.distributed.recv((B, out_len, vocab), self._dtype, self.size - 1, group=self._group)
+            logits = mx.distributed.recv(
+                (B, out_len, vocab), self._dtype, self.size - 1, group=self._group
+            )
             mx.eval(logits)
         return logits
 
@@ -184,14 +198,18 @@ class PipelineModel(nn.Module):
             if offset:  # rank 0 forked its one prefix-cache entry: fork ours alike
                 src = self._caches.get(self._last_key) if self._last_key is not None else None
                 if src is None or src[0].offset < offset:
-                    raise DistributedError(f"rank {self.rank}: no cached prefix of {offset} tokens to continue")
+                    raise DistributedError(
+                        f"rank {self.rank}: no cached prefix of {offset} tokens to continue"
+                    )
                 for dst, s in zip(caches, src):
                     dst.state, dst.meta_state = s.state, s.meta_state
         if caches[0].offset > offset:
             for c in caches:
                 c.trim(c.offset - offset)
         elif caches[0].offset < offset:
-            raise DistributedError(f"rank {self.rank}: cache holds {caches[0].offset} tokens, rank 0 has {offset}")
+            raise DistributedError(
+                f"rank {self.rank}: cache holds {caches[0].offset} tokens, rank 0 has {offset}"
+            )
         self._caches[key] = caches
         self._last_key = key
         for k in [k for k in self._caches if k != key][:-3]:  # keep a few conversations
@@ -229,7 +247,9 @@ class PipelineModel(nn.Module):
 # --- loading one stage --------------------------------------------------------------------------
 
 
-def _stage_weights(weights: dict[str, mx.array], start: int, end: int, keep: set[str]) -> dict[str, mx.array]:
+def _stage_weights(
+    weights: dict[str, mx.array], start: int, end: int, keep: set[str]
+) -> dict[str, mx.array]:
     out = {}
     for k, v in weights.items():
         m = _LAYER.match(k)
@@ -242,8 +262,14 @@ def _stage_weights(weights: dict[str, mx.array], start: int, end: int, keep: set
     return out
 
 
-def load_stage(path_or_repo: str | Path, group: mx.distributed.Group, shares: list[float] | None = None,
-               *, dtype: str | mx.Dtype | None = None, timeout: float | None = None):
+def load_stage(
+    path_or_repo: str | Path,
+    group: mx.distributed.Group,
+    shares: list[float] | None = None,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    timeout: float | None = None,
+):
     """This rank's `LoadedModel` (its `.model` a `PipelineModel`) of a model split over `group`."""
     from engine.config import load_hf_config
     from engine.device import cast_weights, compute_dtype, dtype_name, parse_dtype
@@ -277,7 +303,9 @@ def load_stage(path_or_repo: str | Path, group: mx.distributed.Group, shares: li
         where = path
     Model, ModelArgs = get_model_classes(config.get("model_type", ""))
     model = Model(ModelArgs.from_dict(config))
-    if not all(hasattr(model, "model") and k in model.model for k in ("embed_tokens", "layers", "norm")):
+    if not all(
+        hasattr(model, "model") and k in model.model for k in ("embed_tokens", "layers", "norm")
+    ):
         raise DistributedError(f"{where}: model_type {config['model_type']!r} cannot be pipelined")
     weights = model.sanitize(weights)
 
@@ -290,9 +318,12 @@ def load_stage(path_or_repo: str | Path, group: mx.distributed.Group, shares: li
     tied = "lm_head" not in model
     first_keys, last_keys = _head_keys(weights, tied)
     me, n = group.rank(), group.size()
-    ranges = split_layers(layer_bytes, shares or [1.0] * n,
-                          sum(weights[k].nbytes for k in first_keys),
-                          sum(weights[k].nbytes for k in last_keys))  # a tied head is a 2nd copy
+    ranges = split_layers(
+        layer_bytes,
+        shares or [1.0] * n,
+        sum(weights[k].nbytes for k in first_keys),
+        sum(weights[k].nbytes for k in last_keys),
+    )  # a tied head is a 2nd copy
     start, end = ranges[me]
     keep = (first_keys if me == 0 else set()) | (last_keys if me == n - 1 else set())
 
@@ -318,17 +349,27 @@ def load_stage(path_or_repo: str | Path, group: mx.distributed.Group, shares: li
     stage = PipelineModel(model, group, start, end, cdtype, timeout)
     params = dict(tree_flatten(stage.parameters()))
     info = ModelInfo(
-        name=where.stem if gguf is not None else where.name, path=str(where),
-        model_type=config["model_type"], n_params=count_params(stage),
+        name=where.stem if gguf is not None else where.name,
+        path=str(where),
+        model_type=config["model_type"],
+        n_params=count_params(stage),
         weight_bytes=sum(v.nbytes for v in params.values()),
         context_length=int(config.get("max_position_embeddings") or 2048),
-        quantization=None, adapter=None, dtype=dtype_name(cdtype))
+        quantization=None,
+        adapter=None,
+        dtype=dtype_name(cdtype),
+    )
     tokenizer = _load_tokenizer(where, gguf is not None, config) if me == 0 else None
     return LoadedModel(stage, tokenizer, config, where, info, None)
 
 
-def run_pipeline(path_or_repo: str | Path, group: mx.distributed.Group, front_end,
-                 shares: list[float] | None = None, **kw: Any):
+def run_pipeline(
+    path_or_repo: str | Path,
+    group: mx.distributed.Group,
+    front_end,
+    shares: list[float] | None = None,
+    **kw: Any,
+):
     """Load this rank's stage; rank 0 calls `front_end(loaded)` and returns its result (then
     stops the others), the other ranks serve until then and return None."""
     loaded = load_stage(path_or_repo, group, shares, **kw)

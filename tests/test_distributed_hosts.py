@@ -27,9 +27,14 @@ def _write(tmp_path: Path, data) -> Path:
 def test_mlx_launch_reads_our_hosts_file(tmp_path):
     from mlx._distributed_utils.common import Hostfile
 
-    data = {"backend": "ring", "envs": ["OMP_NUM_THREADS=1"], "hosts": [
-        {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "models_dir": "/tmp/m", "memory_gb": 16},
-        {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "memory_gb": 48}]}
+    data = {
+        "backend": "ring",
+        "envs": ["OMP_NUM_THREADS=1"],
+        "hosts": [
+            {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "models_dir": "/tmp/m", "memory_gb": 16},
+            {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "memory_gb": 48},
+        ],
+    }
     path = _write(tmp_path, data)
     theirs = Hostfile.from_file(str(path))
     ours = load_hosts(path)
@@ -38,25 +43,31 @@ def test_mlx_launch_reads_our_hosts_file(tmp_path):
     assert ours.shares() == [0.25, 0.75]
     again = _write(tmp_path, ours.to_mlx())
     assert [(h.ssh_hostname, h.ips) for h in Hostfile.from_file(str(again)).hosts] == [
-        (h.ssh, h.ips) for h in ours.hosts]
+        (h.ssh, h.ips) for h in ours.hosts
+    ]
 
 
 def test_defaults_and_aliases():
     hosts = parse_hosts([{"host": "127.0.0.1"}, "localhost"])
     assert [(h.ssh, h.ips, h.is_local) for h in hosts.hosts] == [
-        ("127.0.0.1", ["127.0.0.1"], True), ("localhost", ["127.0.0.1"], True)]
+        ("127.0.0.1", ["127.0.0.1"], True),
+        ("localhost", ["127.0.0.1"], True),
+    ]
     assert hosts.shares() == [0.5, 0.5]  # no memory_gb: equal
 
 
-@pytest.mark.parametrize("data,words", [
-    ({"hosts": []}, "non-empty list"),
-    ({"nodes": []}, "no 'hosts'"),
-    ([{"ssh": "mac-studio.local"}], "host #0 (mac-studio.local)"),
-    ([{"ssh": "127.0.0.1", "ips": ["not-an-ip"]}], "'ips' must be a list of IP addresses"),
-    ([{"ssh": "127.0.0.1", "memory_gb": -3}], "memory_gb=-3"),
-    ([{"ips": ["127.0.0.1"]}], "host #0 has no 'ssh'"),
-    ({"backend": "mpi", "hosts": ["127.0.0.1"]}, "backend 'mpi'"),
-])
+@pytest.mark.parametrize(
+    "data,words",
+    [
+        ({"hosts": []}, "non-empty list"),
+        ({"nodes": []}, "no 'hosts'"),
+        ([{"ssh": "mac-studio.local"}], "host #0 (mac-studio.local)"),
+        ([{"ssh": "127.0.0.1", "ips": ["not-an-ip"]}], "'ips' must be a list of IP addresses"),
+        ([{"ssh": "127.0.0.1", "memory_gb": -3}], "memory_gb=-3"),
+        ([{"ips": ["127.0.0.1"]}], "host #0 has no 'ssh'"),
+        ({"backend": "mpi", "hosts": ["127.0.0.1"]}, "backend 'mpi'"),
+    ],
+)
 def test_malformed_hosts_files(data, words):
     with pytest.raises(DistributedError) as e:
         parse_hosts(data, "h.json")
@@ -93,8 +104,15 @@ def test_hosts_check_local(tmp_path, model_dirs, capsys):
     from app.cli import main
 
     models, empty = model_dirs
-    path = _write(tmp_path, {"hosts": [{"ssh": "127.0.0.1", "models_dir": str(models), "memory_gb": 8},
-                                       {"ssh": "127.0.0.1", "models_dir": str(empty), "memory_gb": 24}]})
+    path = _write(
+        tmp_path,
+        {
+            "hosts": [
+                {"ssh": "127.0.0.1", "models_dir": str(models), "memory_gb": 8},
+                {"ssh": "127.0.0.1", "models_dir": str(empty), "memory_gb": 24},
+            ]
+        },
+    )
     assert main(["hosts", "check", "--hosts", str(path), "--model", "acme/tiny", "--json"]) == 1
     reps = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["reachable"] for r in reps] == [True, True]
@@ -102,7 +120,10 @@ def test_hosts_check_local(tmp_path, model_dirs, capsys):
     assert reps[0]["model"]["path"] == str(models / "acme" / "tiny")
     assert reps[0]["model"]["bytes"] == 4096 + 2 and reps[0]["problems"] == []
     assert reps[1]["model"]["path"] is None
-    assert "model acme/tiny not found" in reps[1]["problems"][0] and str(empty) in reps[1]["problems"][0]
+    assert (
+        "model acme/tiny not found" in reps[1]["problems"][0]
+        and str(empty) in reps[1]["problems"][0]
+    )
     assert [r["share"] for r in reps] == [0.25, 0.75]
 
     # by path every host finds it; the table says all ready

@@ -46,8 +46,12 @@ def _rank_main(folder: str, out: str, shares: str) -> None:
     loaded = load_stage(folder, group, share_list, dtype="float32")
     stage = loaded.model
     me = group.rank()
-    report = {"rank": me, "range": list(stage.layer_range), "param_bytes": loaded.info.weight_bytes,
-              "active_memory": int(mx.get_active_memory())}
+    report = {
+        "rank": me,
+        "range": list(stage.layer_range),
+        "param_bytes": loaded.info.weight_bytes,
+        "active_memory": int(mx.get_active_memory()),
+    }
     die_after = int(os.environ.get("TEST_DIE_AFTER", "0"))
     if me != 0:
         if die_after and me == group.size() - 1:
@@ -102,10 +106,17 @@ def _tiny_llama(folder: Path) -> Path:
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, tie_word_embeddings=False,
-                                   rope_theta=10000.0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
@@ -116,11 +127,27 @@ def _tiny_deepseek_v3(folder: Path) -> Path:
     import transformers
 
     cfg = transformers.DeepseekV3Config(
-        vocab_size=128, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
-        q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=8,
-        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-        max_position_embeddings=128, tie_word_embeddings=True)
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=12,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = transformers.DeepseekV3ForCausalLM(cfg)
     g = torch.Generator().manual_seed(1)
@@ -141,7 +168,7 @@ def _header_bytes(folder: Path) -> dict[str, int]:
     for f in folder.glob("*.safetensors"):
         raw = f.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
-        for k, v in json.loads(raw[8:8 + n]).items():
+        for k, v in json.loads(raw[8 : 8 + n]).items():
             if k != "__metadata__":
                 out[k] = v["data_offsets"][1] - v["data_offsets"][0]
     return out
@@ -160,12 +187,19 @@ def _expected_bytes(folder: Path, start: int, end: int, first: bool, last: bool,
     return total
 
 
-def _launch(n: int, folder: Path, out: Path, shares: str = "", env: dict | None = None,
-            timeout: float = 90) -> list[subprocess.CompletedProcess]:
+def _launch(
+    n: int, folder: Path, out: Path, shares: str = "", env: dict | None = None, timeout: float = 90
+) -> list[subprocess.CompletedProcess]:
     from engine.distributed import spawn_local
 
-    procs = spawn_local(n, [str(HERE), str(folder), str(out), shares], env=env,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = spawn_local(
+        n,
+        [str(HERE), str(folder), str(out), shares],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     done = []
     try:
         for p in procs:
@@ -196,7 +230,13 @@ def _single(folder: Path) -> dict:
     again = np.array(loaded.model(mx.array([PROMPT[4:]]), cache=cache)[0, -1])
     forked = _fork(loaded.model, cache, 2)
     fork = np.array(loaded.model(mx.array([PROMPT[2:]]), cache=forked)[0, -1])
-    return {"full": full, "tokens": tokens, "logprobs": np.array(logprobs), "again": again, "fork": fork}
+    return {
+        "full": full,
+        "tokens": tokens,
+        "logprobs": np.array(logprobs),
+        "again": again,
+        "fork": fork,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +249,15 @@ def checkpoints(tmp_path_factory):
 # --- tests --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family,n", [
-    ("llama", 2), ("deepseek_v3", 2),
-    pytest.param("llama", 3, marks=pytest.mark.slow), pytest.param("deepseek_v3", 3, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "family,n",
+    [
+        ("llama", 2),
+        ("deepseek_v3", 2),
+        pytest.param("llama", 3, marks=pytest.mark.slow),
+        pytest.param("deepseek_v3", 3, marks=pytest.mark.slow),
+    ],
+)
 def test_pipeline_equals_one_process(checkpoints, tmp_path, family, n):
     folder = checkpoints[family]
     ref = _single(folder)
@@ -256,7 +301,9 @@ def test_shares_move_layers(checkpoints, tmp_path):
     assert reps[0]["tokens"] == _single(folder)["tokens"]
 
 
-@pytest.mark.parametrize("hang", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["killed", "hung"])
+@pytest.mark.parametrize(
+    "hang", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["killed", "hung"]
+)
 def test_lost_rank_stops_rank0_with_clear_error(checkpoints, tmp_path, hang):
     folder = checkpoints["llama"]
     env = {"TEST_DIE_AFTER": "3", "LATENT_DIST_TIMEOUT": "4"}
@@ -265,8 +312,14 @@ def test_lost_rank_stops_rank0_with_clear_error(checkpoints, tmp_path, hang):
     t0 = time.monotonic()
     from engine.distributed import spawn_local
 
-    procs = spawn_local(2, [str(HERE), str(folder), str(tmp_path / "out"), ""], env=env,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = spawn_local(
+        2,
+        [str(HERE), str(folder), str(tmp_path / "out"), ""],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _, err0 = procs[0].communicate(timeout=60)
     finally:
@@ -278,7 +331,9 @@ def test_lost_rank_stops_rank0_with_clear_error(checkpoints, tmp_path, hang):
     assert procs[0].returncode != 0
     lines = [ln for ln in err0.splitlines() if ln.startswith("error:") or "DistributedError" in ln]
     assert lines, err0[-2000:]
-    assert "rank 0" in lines[-1] and ("lost the connection" in lines[-1] or "no answer for 4 s" in lines[-1])
+    assert "rank 0" in lines[-1] and (
+        "lost the connection" in lines[-1] or "no answer for 4 s" in lines[-1]
+    )
     assert elapsed < 40
 
 
@@ -291,13 +346,28 @@ def test_cli_generate_over_hosts_equals_one_process(tmp_path):
     model, _ = make_tiny(tmp_path, hidden=64, layers=4)
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
-    argv = [sys.executable, "-m", "app.cli", "generate", "--model", str(model), "--raw", "--prompt",
-            "Ada has 3", "--temp", "0", "--max-tokens", "12", "--json"]
+    argv = [
+        sys.executable,
+        "-m",
+        "app.cli",
+        "generate",
+        "--model",
+        str(model),
+        "--raw",
+        "--prompt",
+        "Ada has 3",
+        "--temp",
+        "0",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]
     env = {**os.environ, "LATENT_NO_OPENBLAS": "1", "LATENT_DIST_TIMEOUT": "30"}
     one = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([*argv, "--hosts", str(hosts)], capture_output=True, text=True, env=env,
-                         timeout=180)
+    two = subprocess.run(
+        [*argv, "--hosts", str(hosts)], capture_output=True, text=True, env=env, timeout=180
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     assert "pipeline over 2 processes" in two.stderr
     a = json.loads(one.stdout.strip().splitlines()[-1])

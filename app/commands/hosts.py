@@ -90,7 +90,9 @@ print(json.dumps(out))
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("hosts", help="check the machines of a distributed (multi-Mac) set-up")
+    p = subparsers.add_parser(
+        "hosts", help="check the machines of a distributed (multi-Mac) set-up"
+    )
     sub = p.add_subparsers(dest="hosts_command", metavar="ACTION", required=True)
     c = sub.add_parser("check", help="reachable? memory? model files present?")
     c.add_argument("--hosts", required=True, metavar="FILE", help="hosts file (JSON, see README)")
@@ -135,7 +137,9 @@ def host_problems(rep: dict, model: str | None) -> list[str]:
     if bad:
         out.append(f"IP {', '.join(bad)} is not an address of this host")
     if model and not (rep.get("model") or {}).get("path"):
-        out.append(f"model {model} not found (models_dir {rep.get('models_dir')}); copy or download it there")
+        out.append(
+            f"model {model} not found (models_dir {rep.get('models_dir')}); copy or download it there"
+        )
     return out
 
 
@@ -146,7 +150,9 @@ def run_check(args: argparse.Namespace) -> int:
     shares = hosts.shares()
     ok = True
     if not args.json:
-        print(f"{'rank':<5}{'host':<22}{'reachable':<11}{'memory GB free/total':<22}{'mlx':<9}{'share':<7}model")
+        print(
+            f"{'rank':<5}{'host':<22}{'reachable':<11}{'memory GB free/total':<22}{'mlx':<9}{'share':<7}model"
+        )
     for rank, (host, share) in enumerate(zip(hosts.hosts, shares)):
         rep = probe_host(host, args.model)
         problems = host_problems(rep, args.model)
@@ -156,11 +162,20 @@ def run_check(args: argparse.Namespace) -> int:
             print(json.dumps(rep))
             continue
         model = (rep.get("model") or {}) if rep["reachable"] else {}
-        mtxt = (f"{model['path']} ({model['bytes'] / 2**20:.0f} MiB)" if model.get("path")
-                else ("missing" if args.model else "-"))
-        mem = f"{_gb(rep.get('memory_available'))}/{_gb(rep.get('memory_total'))}" if rep["reachable"] else "-"
-        print(f"{rank:<5}{host.ssh:<22}{'yes' if rep['reachable'] else 'NO':<11}{mem:<22}"
-              f"{rep.get('mlx') or '-':<9}{share:<7.2f}{mtxt}")
+        mtxt = (
+            f"{model['path']} ({model['bytes'] / 2**20:.0f} MiB)"
+            if model.get("path")
+            else ("missing" if args.model else "-")
+        )
+        mem = (
+            f"{_gb(rep.get('memory_available'))}/{_gb(rep.get('memory_total'))}"
+            if rep["reachable"]
+            else "-"
+        )
+        print(
+            f"{rank:<5}{host.ssh:<22}{'yes' if rep['reachable'] else 'NO':<11}{mem:<22}"
+            f"{rep.get('mlx') or '-':<9}{share:<7.2f}{mtxt}"
+        )
         for p in problems:
             print(f"     ! {p}")
     if not args.json:
@@ -182,7 +197,9 @@ def pipeline_engine_or_exit(model: str, hosts_file: str, adapter: str | None = N
     from engine.session import Engine
 
     if adapter:
-        raise DistributedError("--adapter is not supported with --hosts yet (fuse it: latent finetune --export)")
+        raise DistributedError(
+            "--adapter is not supported with --hosts yet (fuse it: latent finetune --export)"
+        )
     if not in_job():
         sys.exit(relaunch_cli(hosts_file))
     group = init_group()
@@ -195,8 +212,11 @@ def pipeline_engine_or_exit(model: str, hosts_file: str, adapter: str | None = N
         sys.exit(0)
     stage.full_logits = False  # generation reads only the last position
     atexit.register(stage.close)
-    print(f"pipeline over {group.size()} processes; rank 0 holds layers "
-          f"{stage.layer_range[0]}-{stage.layer_range[1] - 1}", file=sys.stderr)
+    print(
+        f"pipeline over {group.size()} processes; rank 0 holds layers "
+        f"{stage.layer_range[0]}-{stage.layer_range[1] - 1}",
+        file=sys.stderr,
+    )
     engine = Engine()
     engine.attach(loaded)
     engine.prefix_cache.max_entries = 1  # the workers mirror one cached conversation
