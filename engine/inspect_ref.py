@@ -9,8 +9,7 @@ logits, and (on request) each layer's attention probabilities (H, L, L).
 Families: llama (mistral, smollm), qwen2, qwen3 (dense, with RoPE default/linear/llama3/yarn and
 GGUF freq factors, half-split or interleaved pairs), gpt2, deepseek_v2/v3 (multi-head latent
 attention built per head from the latent, greedy / group-limited / noaux_tc routing, shared
-experts), and tiny (the teaching model of engine/models/tiny.py, dense and MoE, every
-positional/attention/norm choice but MLA).
+experts), and tiny (the teaching model of engine/models/tiny.py, every design choice).
 Biases and qk-norm are read from which tensors exist.
 
 No MLX here by design: this module imports only numpy and math, so an error in the engine's
@@ -303,8 +302,6 @@ def _tiny_norm(config: dict, w: dict, name: str, x: np.ndarray) -> np.ndarray:
 def _tiny(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult:
     D, H = config["hidden_size"], config["num_heads"]
     kind = config.get("attention", "mha")
-    if kind == "mla":
-        raise ValueError("reference: tiny with attention='mla' is not covered")
     Hkv = config.get("num_kv_heads") or H if kind == "gqa" else H
     hd = D // H
     L = len(ids)
@@ -330,6 +327,29 @@ def _tiny(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult:
         p = f"layers.{i}."
 
         def attn_fn(h: np.ndarray, p: str = p) -> np.ndarray:
+            if kind == "mla":
+                rd = config.get("qk_rope_head_dim", 8)
+                mla_rope = (
+                    rope_inv_freq(rd, {"rope_theta": config.get("rope_theta", 10000.0)})
+                    if pe == "rope"
+                    else None
+                )
+                o, probs = mla_attention(
+                    w,
+                    p + "attn.",
+                    h,
+                    (H, hd, rd, hd, config.get("kv_lora_rank", 16)),
+                    config.get("norm_eps", 1e-5),
+                    pos,
+                    mla_rope,
+                    False,
+                    (hd + rd) ** -0.5,
+                    bias,
+                    causal=config.get("causal", True),
+                )
+                if want_attn:
+                    res.attention.append(probs)
+                return linear(o.transpose(1, 0, 2).reshape(L, -1), w, p + "attn.o_proj")
             q = linear(h, w, p + "attn.q_proj").reshape(L, H, hd).transpose(1, 0, 2)
             k = linear(h, w, p + "attn.k_proj").reshape(L, Hkv, hd).transpose(1, 0, 2)
             v = linear(h, w, p + "attn.v_proj").reshape(L, Hkv, hd).transpose(1, 0, 2)
@@ -407,6 +427,46 @@ def deepseek_route(
     return ids, weights
 
 
+def mla_attention(
+    w: dict,
+    pa: str,
+    h: np.ndarray,
+    dims: tuple,
+    eps: float,
+    pos: np.ndarray,
+    rope: tuple | None,
+    inter: bool,
+    scale: float,
+    bias: np.ndarray | None = None,
+    causal: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-head latent attention with per-head K/V built from the latent: (out (H, L, v), probs)."""
+    H, nope, rope_d, vd, r = dims
+    L = h.shape[0]
+    if pa + "q_proj.weight" in w:
+        q = linear(h, w, pa + "q_proj")
+    else:
+        q = linear(
+            rms_norm(linear(h, w, pa + "q_a_proj"), w[pa + "q_a_layernorm.weight"], eps),
+            w,
+            pa + "q_b_proj",
+        )
+    q = q.reshape(L, H, nope + rope_d).transpose(1, 0, 2)  # (H, L, nope + rope)
+    ckv = linear(h, w, pa + "kv_a_proj_with_mqa")
+    c, k_pe = ckv[:, :r], ckv[:, r:]
+    c = rms_norm(c, w[pa + "kv_a_layernorm.weight"], eps)  # the cached latent (L, r)
+    kv = linear(c, w, pa + "kv_b_proj").reshape(L, H, nope + vd).transpose(1, 0, 2)
+    k_nope, v = kv[..., :nope], kv[..., nope:]
+    q_pe, k_pe = q[..., nope:], k_pe[None]  # k_pe (1, L, rope): one rotary key for all heads
+    if rope is not None:
+        q_pe, k_pe = (
+            apply_rope(q_pe, pos, rope, rope_d, inter),
+            apply_rope(k_pe, pos, rope, rope_d, inter),
+        )
+    k = np.concatenate([k_nope, np.repeat(k_pe, H, axis=0)], axis=-1)
+    return attend(np.concatenate([q[..., :nope], q_pe], -1), k, v, scale, bias, causal=causal)
+
+
 def _deepseek(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefResult:
     """DeepSeek V2/V3: multi-head latent attention (materialised per head) and routed + shared
     SwiGLU experts (engine names: stacked `mlp.switch_mlp.*` (E, out, in))."""
@@ -429,24 +489,7 @@ def _deepseek(config: dict, w: dict, ids: np.ndarray, want_attn: bool) -> RefRes
     for i in range(config["num_hidden_layers"]):
         pa = f"model.layers.{i}.self_attn."
         h = rms_norm(x, w[f"model.layers.{i}.input_layernorm.weight"], eps)
-        if pa + "q_proj.weight" in w:
-            q = linear(h, w, pa + "q_proj")
-        else:
-            q = linear(
-                rms_norm(linear(h, w, pa + "q_a_proj"), w[pa + "q_a_layernorm.weight"], eps),
-                w,
-                pa + "q_b_proj",
-            )
-        q = q.reshape(L, H, nope + rope_d).transpose(1, 0, 2)  # (H, L, nope + rope)
-        ckv = linear(h, w, pa + "kv_a_proj_with_mqa")
-        c, k_pe = ckv[:, :r], ckv[:, r:]
-        c = rms_norm(c, w[pa + "kv_a_layernorm.weight"], eps)  # the cached latent (L, r)
-        kv = linear(c, w, pa + "kv_b_proj").reshape(L, H, nope + vd).transpose(1, 0, 2)
-        k_nope, v = kv[..., :nope], kv[..., nope:]
-        q_pe = apply_rope(q[..., nope:], pos, rope, rope_d, inter)
-        k_pe = apply_rope(k_pe[None], pos, rope, rope_d, inter)  # (1, L, rope): one for all heads
-        k = np.concatenate([k_nope, np.repeat(k_pe, H, axis=0)], axis=-1)
-        o, probs = attend(np.concatenate([q[..., :nope], q_pe], -1), k, v, scale, None)
+        o, probs = mla_attention(w, pa, h, (H, nope, rope_d, vd, r), eps, pos, rope, inter, scale)
         if want_attn:
             res.attention.append(probs)
         x = x + linear(o.transpose(1, 0, 2).reshape(L, -1), w, pa + "o_proj")

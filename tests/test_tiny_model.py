@@ -4,9 +4,9 @@ Over positional {rope, alibi, sinusoidal, learned, none} × attention {mha, gqa,
 {dense, moe} × norm {rmsnorm, layernorm} (plus post-norm and no-residual variants):
 - decoding token by token through `make_cache()` (after a 4-token prefill) gives the logits of
   the full forward (max abs diff ≤ 1e-4);
-- except for MLA (not covered by the reference), the engine's residual stream after every layer
-  and its logits equal the independent float64 numpy forward (engine/inspect_ref.py) within
-  fp32 tolerance — including the MoE routing and ALiBi slopes;
+- the engine's residual stream after every layer and its logits equal the independent float64
+  numpy forward (engine/inspect_ref.py) within fp32 tolerance — MoE routing, ALiBi slopes and
+  MLA (K/V rebuilt from the latent) included;
 - ten AdamW steps on one batch lower the cross-entropy (plus the MoE balancing loss), so
   gradients reach every design;
 - `look` captures router choices (L, top_k) with weights summing to 1 for MoE layers.
@@ -92,10 +92,9 @@ def test_cache_equals_full_and_reference(combo):
         steps.append(model(mx.array([[t]]), cache=cache))
     cached = mx.concatenate(steps, axis=1)
     assert float(mx.abs(cached - full).max()) < 1e-4
-    if combo["attention"] != "mla":
-        loaded = SimpleNamespace(model=model, config={}, tokenizer=None)
-        report = ins.check_math(loaded, IDS)
-        assert report.max_rel < 1e-5, report.table()
+    loaded = SimpleNamespace(model=model, config={}, tokenizer=None)
+    report = ins.check_math(loaded, IDS)
+    assert report.max_rel < 1e-5, report.table()
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=_id)
