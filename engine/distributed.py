@@ -26,6 +26,7 @@ It does not know models, training loops or front ends (engine/pipeline.py, engin
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import json
 import os
@@ -209,6 +210,7 @@ def spawn_local(
 ) -> list[subprocess.Popen]:
     """Start `python argv...` as ranks 0..n-1 of one ring on 127.0.0.1; returns the processes."""
     ring = ring_file(n)
+    atexit.register(ring.unlink, missing_ok=True)  # the ranks read it when they join
     procs = []
     for r in range(n):
         e = {**os.environ, **(env or {}), "MLX_RANK": str(r), "MLX_HOSTFILE": str(ring)}
