@@ -220,7 +220,14 @@ class TeachingEngine(FakeEngine):
             vocab_size=128, hidden_size=32, num_layers=self.n_layers, num_heads=4,
             intermediate_size=64, ffn=self.ffn, num_experts=6, top_k=2,
         )
-        self.loaded = SimpleNamespace(model=Model(args), tokenizer=CharTokenizer(), config={})
+        model = Model(args)
+        from mlx.utils import tree_flatten
+
+        params = [a for _, a in tree_flatten(model.parameters())]
+        info.n_params = sum(a.size for a in params)
+        info.weight_bytes = sum(a.nbytes for a in params)
+        info.quantization, info.model_type, info.context_length = "", "tiny", 512
+        self.loaded = SimpleNamespace(model=model, tokenizer=CharTokenizer(), config={})
         return info
 
 

@@ -94,7 +94,7 @@ def test_routing_grid_and_token_axes(qtbot, tmp_path):
     for col, layer in enumerate(sorted(result["router"])):
         ids, weights = result["router"][layer]
         for row in range(len(PROMPT)):
-            assert m.index(row, col).data() == f"{ids[row][0]} {ids[row][1]}"
+            assert m.index(row, col).data() == f"{ids[row][0]} · {ids[row][1]}"
             assert m.index(row, col).data(256) == int(ids[row][0])  # UserRole: first choice
             assert 0 <= ids[row][0] < 6 and ids[row][0] != ids[row][1]
             assert weights[row].sum() == pytest.approx(1.0, abs=1e-5)  # renormalised top-k

@@ -1,6 +1,6 @@
 """The toolbar's live memory figure follows the process: after 200 MB more is resident (a numpy
 array, touched page by page) the next timer tick shows at least 150 MB more, read independently
-of the app from /proc/self/statm; MLX's active bytes are shown when arrays are held."""
+of the app from /proc/self/statm; the model's weight size sits beside it; MLX's active bytes are shown when arrays are held."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def test_live_memory_follows_process(qtbot, tmp_path):
     qtbot.waitUntil(lambda: win.mem_rss - before > 150e6, timeout=3000)
     assert abs(win.mem_rss - statm_rss()) < 50e6
     assert "memory" in win.mem_label.text()
+    assert "weights 98.0 MB" in win.mem_label.text()  # FakeInfo.weight_bytes, beside it
     import mlx.core as mx
 
     held = mx.ones((1024, 1024))  # 4 MiB in MLX

@@ -22,7 +22,6 @@ from PySide6.QtWidgets import (
     QListWidgetItem,
     QMainWindow,
     QPushButton,
-    QSizePolicy,
     QStackedWidget,
     QToolBar,
     QVBoxLayout,
@@ -35,6 +34,7 @@ from app.gui.serving import ServerController, is_loopback
 from app.gui.views.chat import ChatView
 from app.gui.views.welcome import WelcomePanel, default_fetcher
 from app.gui.widgets.banner import Banner
+from app.gui.widgets.elided import ElidedLabel
 from app.gui.workers import EngineClient, default_engine_factory, wait_all_tasks
 from app.store import Store
 
@@ -191,15 +191,14 @@ class MainWindow(QMainWindow):
         for w in (self.load_btn, self.unload_btn, open_btn):
             bar.addWidget(w)
         bar.addSeparator()
-        self.model_label = QLabel("")
-        self.model_label.setStyleSheet("color: palette(mid); padding: 0 8px;")
-        self.model_label.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
+        self.model_label = ElidedLabel("", min_width=120)
+        self.model_label.setStyleSheet("color: palette(mid);")
         bar.addWidget(self.model_label)
         self.mem_label = QLabel("")
         self.mem_label.setStyleSheet("padding: 0 8px;")
         self.mem_label.setToolTip(
-            "Memory in use now: the whole app (resident) and MLX's arrays; "
-            "the model's weights are shown beside the model's name"
+            "The loaded model's weights as stored, and the memory in use now: the whole app "
+            "(resident) and MLX's arrays; refreshed every 2 seconds"
         )
         bar.addWidget(self.mem_label)
         self.mem_timer = QTimer(self)
@@ -318,9 +317,12 @@ class MainWindow(QMainWindow):
         rss, current = process_rss()
         self.mem_rss, self.mem_mlx = rss, mlx_active()
         bits = []
+        weights = (self.client.info or {}).get("weight_bytes")
+        if weights:
+            bits.append(f"weights {human_bytes(weights)}")
         if rss:
             bits.append(f"{'memory' if current else 'peak memory'} {human_bytes(rss)}")
-        if self.mem_mlx:
+        if self.mem_mlx and self.mem_mlx >= 2**20:
             bits.append(f"MLX {human_bytes(self.mem_mlx)}")
         self.mem_label.setText("  ·  ".join(bits))
 
@@ -408,19 +410,20 @@ class MainWindow(QMainWindow):
                 self.model_combo.addItem(Path(path).name, path)
                 i = self.model_combo.count() - 1
             self.model_combo.setCurrentIndex(i)
-        mem = human_bytes(info.get("weight_bytes"))
         params = info.get("n_params") or 0
         bits = [str(info.get("name") or Path(path).name)]
         if params:
-            bits.append(f"{params / 1e6:,.0f}M params")
+            bits.append(
+                f"{params / 1e9:.1f}B params" if params >= 1e9
+                else f"{params / 1e6:,.0f}M params" if params >= 1e6
+                else f"{params / 1e3:,.0f}K params"
+            )
         if info.get("quantization"):
             bits.append(str(info["quantization"]))
-        if mem:
-            bits.append(mem)
         if info.get("adapter"):
             bits.append(f"adapter {Path(str(info['adapter'])).name}")
         self.model_label.setText("  ·  ".join(bits))
-        self.model_label.setToolTip(path)
+        self.model_label.setToolTip(f"{self.model_label.text()}\n{path}")
         self.refresh_memory()
         self.status.setText("Ready")
         if self.server.active and self.server.model_name != self._served_name():
@@ -435,6 +438,7 @@ class MainWindow(QMainWindow):
         if self.server.active:
             self.set_serving(False)
         self.model_label.setText("")
+        self.refresh_memory()
         self.status.setText("No model loaded")
         self._update_toolbar()
 

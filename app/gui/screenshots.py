@@ -128,6 +128,25 @@ def main(out_dir: str = "docs/screenshots") -> int:
     win.chat.stop()
     _wait_until(app, lambda: not win.client.generating)
 
+    # settings, with the model served over the local API
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", 8080))
+            port = 8080
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    win.store.set_setting("serve_port", port)
+    win.views["settings"].serve_port.setValue(port)
+    win.set_serving(True)
+    _wait_until(app, lambda: win.server.running)
+    win.show_view("settings")
+    shot(win, "settings")
+    win.set_serving(False)
+    _wait_until(app, lambda: not win.server.active)
+
     # library + downloads against the test Hub
     if server is not None:
         win.show_view("library")
@@ -216,8 +235,37 @@ def main(out_dir: str = "docs/screenshots") -> int:
         shot(win2, "inspector-look")
     except Exception as e:  # noqa: BLE001 - engine.inspect missing
         print(f"inspector look skipped: {e}")
+    try:
+        ins.tabs.setCurrentIndex(2)
+        ins.math_panel.prompt.setText("The capital of France is")
+        ins.math_panel.run()
+        _wait_until(app, lambda: bool(ins.math_panel.result), timeout=180)
+        shot(win2, "inspector-math")
+    except Exception as e:  # noqa: BLE001
+        print(f"inspector math skipped: {e}")
     win2.shutdown()
     win2.close()
+
+    # expert routing on the (random, tiny) MoE teaching model
+    from fake_engine import TeachingEngine
+
+    win3 = MainWindow(
+        store=Store(home / "moe.sqlite"), autoload=False,
+        engine_factory=lambda: TeachingEngine(n_layers=6, ffn="moe"),
+    )
+    win3.resize(1280, 800)
+    win3.show()
+    win3.load_model("/fake/tiny-moe-teaching.gguf")
+    _wait_until(app, lambda: win3.client.info is not None)
+    win3.show_view("inspector")
+    ins3 = win3.views["inspector"]
+    ins3.tabs.setCurrentIndex(1)
+    ins3.look_panel.prompt.setText("Mixture of experts!")
+    ins3.look_panel.run()
+    _wait_until(app, lambda: bool(ins3.look_panel.result), timeout=60)
+    shot(win3, "inspector-routing")
+    win3.shutdown()
+    win3.close()
     if server is not None:
         server.stop()
     return 0

@@ -89,7 +89,7 @@ class RoutingModel(QAbstractTableModel):
             return None
         experts, weights = self.choice(index.row(), index.column())
         if role == Qt.DisplayRole:
-            return " ".join(str(e) for e in experts)
+            return " · ".join(str(e) for e in experts)
         if role == Qt.BackgroundRole:
             return QBrush(expert_colour(experts[0], self.n_experts))
         if role == Qt.ForegroundRole:
