@@ -196,10 +196,6 @@ class MainWindow(QMainWindow):
         bar.addWidget(self.model_label)
         self.mem_label = QLabel("")
         self.mem_label.setStyleSheet("padding: 0 8px;")
-        self.mem_label.setToolTip(
-            "The loaded model's weights as stored, and the memory in use now: the whole app "
-            "(resident) and MLX's arrays; refreshed every 2 seconds"
-        )
         bar.addWidget(self.mem_label)
         self.mem_timer = QTimer(self)
         self.mem_timer.setInterval(2000)
@@ -210,7 +206,10 @@ class MainWindow(QMainWindow):
         self.adapter_check = QCheckBox("Adapter")
         self.adapter_check.setToolTip("Apply a LoRA adapter to the loaded model")
         self.adapter_combo = QComboBox()
-        self.adapter_combo.setMinimumWidth(160)
+        self.adapter_combo.setMinimumWidth(140)
+        self.adapter_combo.setMaximumWidth(200)
+        self.adapter_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.adapter_combo.setMinimumContentsLength(14)
         self.adapter_check.toggled.connect(self._apply_adapter)
         self.adapter_combo.activated.connect(lambda *_: self._apply_adapter())
         self._adapter_actions = [
@@ -322,9 +321,14 @@ class MainWindow(QMainWindow):
             bits.append(f"weights {human_bytes(weights)}")
         if rss:
             bits.append(f"{'memory' if current else 'peak memory'} {human_bytes(rss)}")
-        if self.mem_mlx and self.mem_mlx >= 2**20:
-            bits.append(f"MLX {human_bytes(self.mem_mlx)}")
         self.mem_label.setText("  ·  ".join(bits))
+        tip = [
+            f"Model weights as stored: {human_bytes(weights) or 'no model loaded'}",
+            f"App memory now ({'resident' if current else 'peak'}): {human_bytes(rss) or '?'}",
+        ]
+        if self.mem_mlx is not None:
+            tip.append(f"MLX arrays now: {human_bytes(self.mem_mlx) or '0 B'}")
+        self.mem_label.setToolTip("\n".join(tip + ["Refreshed every 2 seconds."]))
 
     # ---- "Serve this model" --------------------------------------------------------------
     def serve_settings(self) -> tuple[str, int, str]:
