@@ -388,7 +388,21 @@ class FinetuneView(QWidget):
 
     def _delete_adapter(self) -> None:
         path = self._selected_adapter()
-        if path and self.task is None:
+        if not path or self.task is not None:
+            return
+        from PySide6.QtWidgets import QMessageBox
+
+        in_use = (self.window.client.info or {}).get("adapter") == path
+        answer = QMessageBox.question(
+            self,
+            "Delete adapter",
+            f"Delete the adapter {Path(path).name} and its files?"
+            + ("\nIt is applied to the loaded model now and stays so until you unload it."
+               if in_use else ""),
+            QMessageBox.Yes | QMessageBox.No,
+            QMessageBox.No,
+        )
+        if answer == QMessageBox.Yes:
             shutil.rmtree(path, ignore_errors=True)
             self.refresh_adapters()
             self.window.refresh_models()
