@@ -27,8 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+TARGETS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def _vm_hwm() -> int:
@@ -45,12 +52,16 @@ def make_corpus(folder: Path, n_docs: int) -> None:
     import random
 
     rng = random.Random(0)
-    words = ("harbor lantern copper meadow river glass archive orchard signal winter engine "
-             "market bridge valley letter garden thunder silver paper station").split()
+    words = (
+        "harbor lantern copper meadow river glass archive orchard signal winter engine "
+        "market bridge valley letter garden thunder silver paper station"
+    ).split()
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n_docs):
-        sents = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "."
-                 for _ in range(60)]
+        sents = [
+            " ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "."
+            for _ in range(60)
+        ]
         (folder / f"doc{i:03d}.txt").write_text(" ".join(sents))
 
 
@@ -80,13 +91,28 @@ def child_ours(a) -> dict:
 
     loaded = engine.load(a.model)
     mx.reset_peak_memory()
-    cfg = TrainConfig(model=loaded, data=a.data, out=str(Path(a.work) / "out-ours"),
-                      run_dir=str(Path(a.work) / f"run-ours-{a.ckpt}-{time.time_ns()}"),
-                      max_seq_len=a.seq_len, overlap=0, batch_size=a.batch, max_steps=a.steps,
-                      rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS, num_layers=a.num_layers,
-                      lr=1e-4, val_fraction=0.0, eval_every=0, save_every=0, val_batches=1,
-                      grad_checkpoint=bool(a.ckpt), warmup_steps=0,
-                      dequantize_base=False if a.child == "ours-qmm" else None)
+    cfg = TrainConfig(
+        model=loaded,
+        data=a.data,
+        out=str(Path(a.work) / "out-ours"),
+        run_dir=str(Path(a.work) / f"run-ours-{a.ckpt}-{time.time_ns()}"),
+        max_seq_len=a.seq_len,
+        overlap=0,
+        batch_size=a.batch,
+        max_steps=a.steps,
+        rank=a.rank,
+        alpha=2.0 * a.rank,
+        targets=TARGETS,
+        num_layers=a.num_layers,
+        lr=1e-4,
+        val_fraction=0.0,
+        eval_every=0,
+        save_every=0,
+        val_batches=1,
+        grad_checkpoint=bool(a.ckpt),
+        warmup_steps=0,
+        dequantize_base=False if a.child == "ours-qmm" else None,
+    )
     tps, losses = [], []
     for ev in train(cfg):
         if ev.kind == "step":
@@ -110,8 +136,9 @@ def child_mlx_lm(a) -> dict:
     chunks = [(e.tokens.tolist(), 0) for e in ds.train]
     model, _ = load_model(Path(a.model))
     model.freeze()
-    linear_to_lora_layers(model, a.num_layers, {"rank": a.rank, "scale": 2.0, "dropout": 0.0,
-                                                "keys": TARGETS})
+    linear_to_lora_layers(
+        model, a.num_layers, {"rank": a.rank, "scale": 2.0, "dropout": 0.0, "keys": TARGETS}
+    )
     mx.reset_peak_memory()
 
     class CB(TrainingCallback):
@@ -123,9 +150,16 @@ def child_mlx_lm(a) -> dict:
             self.losses.append(info["train_loss"])
 
     cb = CB()
-    args = TrainingArgs(batch_size=a.batch, iters=a.steps, steps_per_report=1, steps_per_eval=10**9,
-                        steps_per_save=10**9, max_seq_length=a.seq_len, grad_checkpoint=bool(a.ckpt),
-                        adapter_file=str(Path(a.work) / "mlx-lm-adapters.safetensors"))
+    args = TrainingArgs(
+        batch_size=a.batch,
+        iters=a.steps,
+        steps_per_report=1,
+        steps_per_eval=10**9,
+        steps_per_save=10**9,
+        max_seq_length=a.seq_len,
+        grad_checkpoint=bool(a.ckpt),
+        adapter_file=str(Path(a.work) / "mlx-lm-adapters.safetensors"),
+    )
     train(model, optim.AdamW(learning_rate=1e-4), chunks, None, args, training_callback=cb)
     return {"tps": cb.tps, "losses": cb.losses, "peak": mx.get_peak_memory(), "rss": _vm_hwm()}
 
@@ -140,15 +174,35 @@ def run_child(which: str, ckpt: int, a, model: Path, data: Path, work: Path) -> 
     lib = openblas_path()
     if lib and not env.get("LATENT_NO_OPENBLAS") and "openblas" not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = f"{lib} {env.get('LD_PRELOAD', '')}".strip()
-    cmd = [sys.executable, __file__, "--child", which, "--ckpt", str(ckpt), "--model", str(model),
-           "--data", str(data), "--work", str(work), "--steps", str(a.steps), "--seq-len",
-           str(a.seq_len), "--batch", str(a.batch), "--rank", str(a.rank), "--num-layers",
-           str(a.num_layers)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--ckpt",
+        str(ckpt),
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--work",
+        str(work),
+        "--steps",
+        str(a.steps),
+        "--seq-len",
+        str(a.seq_len),
+        "--batch",
+        str(a.batch),
+        "--rank",
+        str(a.rank),
+        "--num-layers",
+        str(a.num_layers),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{which} (ckpt={ckpt}) failed: {out.stderr.strip()[-2000:]}")
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,21 +237,33 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((which, ckpt, tps, r["peak"], r["rss"], r["losses"]))
     from engine.blas import openblas_path
 
-    blas = "OpenBLAS preloaded" if openblas_path() and not os.environ.get("LATENT_NO_OPENBLAS") else "reference BLAS"
+    blas = (
+        "OpenBLAS preloaded"
+        if openblas_path() and not os.environ.get("LATENT_NO_OPENBLAS")
+        else "reference BLAS"
+    )
     print("## Fine-tuning: QLoRA training speed and memory, ours vs mlx-lm\n")
-    print(f"SmolLM2-135M-Instruct, GGUF Q4_1 weights for both (4-bit base frozen, fp32 adapters); "
-          f"LoRA rank {a.rank}, scale 2.0, q/k/v/o + MLP of the last {a.num_layers} layers; "
-          f"{a.batch} × {a.seq_len} tokens per step, AdamW; median of steps 2..{a.steps}; "
-          f"one process per row, {blas}; `python bench/train.py"
-          f"{' --quick' if a.quick else ''}`.\n")
-    print("| trainer | grad checkpoint | train tok/s | MLX peak memory | peak RSS | loss step 1 → last |")
+    print(
+        f"SmolLM2-135M-Instruct, GGUF Q4_1 weights for both (4-bit base frozen, fp32 adapters); "
+        f"LoRA rank {a.rank}, scale 2.0, q/k/v/o + MLP of the last {a.num_layers} layers; "
+        f"{a.batch} × {a.seq_len} tokens per step, AdamW; median of steps 2..{a.steps}; "
+        f"one process per row, {blas}; `python bench/train.py"
+        f"{' --quick' if a.quick else ''}`.\n"
+    )
+    print(
+        "| trainer | grad checkpoint | train tok/s | MLX peak memory | peak RSS | loss step 1 → last |"
+    )
     print("|---|---|---|---|---|---|")
     for which, ckpt, tps, peak, rss, losses in rows:
-        name = {"ours": "ours (dequantized GEMM, default on CPU)",
-                "ours-qmm": "ours (quantized matmul, `dequantize_base=False`)",
-                "mlx_lm": "mlx-lm 0.32 tuner"}[which]
-        print(f"| {name} | {'on' if ckpt else 'off'} | {tps:.1f} | {peak / 2**20:.0f} MB | "
-              f"{rss / 2**20:.0f} MB | {losses[0]:.3f} → {losses[-1]:.3f} |")
+        name = {
+            "ours": "ours (dequantized GEMM, default on CPU)",
+            "ours-qmm": "ours (quantized matmul, `dequantize_base=False`)",
+            "mlx_lm": "mlx-lm 0.32 tuner",
+        }[which]
+        print(
+            f"| {name} | {'on' if ckpt else 'off'} | {tps:.1f} | {peak / 2**20:.0f} MB | "
+            f"{rss / 2**20:.0f} MB | {losses[0]:.3f} → {losses[-1]:.3f} |"
+        )
     return 0
 
 

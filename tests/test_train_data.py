@@ -53,12 +53,17 @@ def make_folder(root: Path) -> Path:
 
     d = root / "docs"
     (d / "sub").mkdir(parents=True)
-    (d / "notes.txt").write_text("The lighthouse keeper Orvel counts exactly 412 steps every evening.\n")
-    (d / "sub" / "guide.md").write_text("# Guide\n\nThe river Quenna flows north into Lake Brimm.\n\n\n\n")
+    (d / "notes.txt").write_text(
+        "The lighthouse keeper Orvel counts exactly 412 steps every evening.\n"
+    )
+    (d / "sub" / "guide.md").write_text(
+        "# Guide\n\nThe river Quenna flows north into Lake Brimm.\n\n\n\n"
+    )
     (d / "page.html").write_text(
         "<html><head><title>T</title><style>body{color:red}</style></head><body>"
         "<script>var secret = 'SCRIPTTEXT';</script><p>Marlow &amp; Sons bake"
-        " bread</p><div>at dawn.</div></body></html>")
+        " bread</p><div>at dawn.</div></body></html>"
+    )
     doc = Document()
     doc.add_paragraph("The glassblower Ines uses blue sand from Kettle Bay.")
     doc.save(str(d / "letter.docx"))
@@ -74,11 +79,17 @@ def make_folder(root: Path) -> Path:
     lines = [
         {"text": "Plain record: the comet Velis returns every 31 years."},
         {"prompt": "Where does Velis return?", "completion": "To the inner system."},
-        {"messages": [{"role": "user", "content": "Name the keeper."},
-                      {"role": "assistant", "content": "Orvel keeps the light."}]},
+        {
+            "messages": [
+                {"role": "user", "content": "Name the keeper."},
+                {"role": "assistant", "content": "Orvel keeps the light."},
+            ]
+        },
         "not json",
     ]
-    (d / "data.jsonl").write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines))
+    (d / "data.jsonl").write_text(
+        "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines)
+    )
     return d
 
 
@@ -86,7 +97,8 @@ def test_reads_every_format_and_skips_bad_files_with_reasons(tmp_path, tok):
     folder = make_folder(tmp_path)
     ds, rep = build_dataset(folder, tok, max_seq_len=64, val_fraction=0.0)
     assert sorted(rep.files_read) == sorted(
-        ["notes.txt", "sub/guide.md", "page.html", "letter.docx", "report.pdf", "data.jsonl"])
+        ["notes.txt", "sub/guide.md", "page.html", "letter.docx", "report.pdf", "data.jsonl"]
+    )
     skipped = dict(rep.files_skipped)
     assert "encrypted" in skipped["locked.pdf"]
     assert "unreadable PDF" in skipped["broken.pdf"]
@@ -95,8 +107,15 @@ def test_reads_every_format_and_skips_bad_files_with_reasons(tmp_path, tok):
     assert any("1 JSONL lines skipped" in n for n in rep.notes)
     assert rep.documents == 5 + 3  # five files + three JSONL records
     text = "\n".join(tok.decode(e.tokens.tolist()) for e in ds.train)
-    for fact in ("412 steps", "Lake Brimm", "Marlow & Sons bake bread", "Kettle Bay",
-                 "Dunmore hums", "every 31 years", "Orvel keeps the light"):
+    for fact in (
+        "412 steps",
+        "Lake Brimm",
+        "Marlow & Sons bake bread",
+        "Kettle Bay",
+        "Dunmore hums",
+        "every 31 years",
+        "Orvel keeps the light",
+    ):
         assert fact in text, fact
     assert "SCRIPTTEXT" not in text and "color:red" not in text
     assert rep.chunks == len(ds.train) and rep.tokens >= sum(len(e.tokens) for e in ds.train)
@@ -121,7 +140,7 @@ def test_long_documents_are_windowed_with_every_target_trained_once():
     for c in chunks:
         assert len(c.tokens) <= 64 and not c.mask[0]
         start = int(c.tokens[0]) - 1000
-        assert c.tokens.tolist() == ids[start:start + len(c.tokens)]  # contiguous, in order
+        assert c.tokens.tolist() == ids[start : start + len(c.tokens)]  # contiguous, in order
         counts[start + np.nonzero(c.mask)[0]] += 1
     assert counts[0] == 0 and (counts[1:] == 1).all()
     # overlap gives later windows context: every window after the first starts 16+ tokens early
@@ -140,13 +159,17 @@ def test_collate_shifts_and_pads():
 
 
 def test_near_duplicates_removed_and_split_is_by_document(tmp_path, tok):
-    base = " ".join(f"Line {i} of the almanac records weather in the valley of Sorn." for i in range(30))
+    base = " ".join(
+        f"Line {i} of the almanac records weather in the valley of Sorn." for i in range(30)
+    )
     (tmp_path / "orig.txt").write_text(base)
     (tmp_path / "copy.txt").write_text(base)
     (tmp_path / "near.txt").write_text(base.replace("Line 7 ", "Row 7 "))
     for i in range(6):
-        (tmp_path / f"other{i}.txt").write_text(f"Document {i}: " + " ".join(
-            f"the number {i * 100 + j} is written here." for j in range(40)))
+        (tmp_path / f"other{i}.txt").write_text(
+            f"Document {i}: "
+            + " ".join(f"the number {i * 100 + j} is written here." for j in range(40))
+        )
     ds, rep = build_dataset(tmp_path, tok, max_seq_len=512, val_fraction=0.3, seed=1)
     assert rep.duplicates_removed == 2
     sources_train = {e.source for e in ds.train}
@@ -165,8 +188,11 @@ def test_chat_mask_covers_assistant_turns_only(tmp_path, tok):
         {"role": "user", "content": "And at night?"},
         {"role": "assistant", "content": "Deep green."},
     ]
-    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps(
-        {"prompt": "Capital of Pell?", "completion": "Marrow City."}))
+    (tmp_path / "chat.jsonl").write_text(
+        json.dumps({"messages": msgs})
+        + "\n"
+        + json.dumps({"prompt": "Capital of Pell?", "completion": "Marrow City."})
+    )
     ds, _ = build_dataset(tmp_path, tok, max_seq_len=256, val_fraction=0.0)
     assert len(ds.train) == 2
     runs_by_doc = []

@@ -19,9 +19,17 @@ from engine.errors import ModelLoadError, TrainingError
 from engine.train import lora as L
 
 TINY = {
-    "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 101, "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 256, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 101,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 256,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
 }
 
 
@@ -53,8 +61,10 @@ def unpack_affine(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: 
 
 
 def _torch_grads(x, w, bias, a, b, scale, g):
-    t = {k: torch.tensor(np.asarray(v, dtype=np.float64), requires_grad=True)
-         for k, v in dict(x=x, a=a, b=b).items()}
+    t = {
+        k: torch.tensor(np.asarray(v, dtype=np.float64), requires_grad=True)
+        for k, v in dict(x=x, a=a, b=b).items()
+    }
     y = t["x"] @ torch.tensor(w).T + scale * (t["x"] @ t["a"]) @ t["b"]
     if bias is not None:
         y = y + torch.tensor(np.asarray(bias, dtype=np.float64))
@@ -79,8 +89,15 @@ def _check(layer, w64, bias):
     x = mx.random.normal((2, 24, w64.shape[1]))
     g = mx.random.normal((2, 24, w64.shape[0]))
     y, grads = _mlx_grads(layer, x, g)
-    y_ref, ref = _torch_grads(np.array(x), w64, bias, np.array(layer.lora_a), np.array(layer.lora_b),
-                              layer.scale, np.array(g, dtype=np.float64))
+    y_ref, ref = _torch_grads(
+        np.array(x),
+        w64,
+        bias,
+        np.array(layer.lora_a),
+        np.array(layer.lora_b),
+        layer.scale,
+        np.array(g, dtype=np.float64),
+    )
     np.testing.assert_allclose(np.array(y), y_ref, atol=1e-4, rtol=1e-5)
     for k in ("x", "a", "b"):
         np.testing.assert_allclose(np.array(grads[k]), ref[k], atol=1e-5, rtol=1e-5, err_msg=k)
@@ -103,7 +120,9 @@ def test_qlora_gradients_match_torch_on_dequantized_weight(monkeypatch, dequant)
         base = nn.QuantizedLinear.from_linear(nn.Linear(128, 48, bias=False), group_size=32, bits=4)
         layer = L.LoRALinear(base, rank=8, scale=2.0)
         assert L.linear_dims(base) == (128, 48)
-        w64 = unpack_affine(np.array(base.weight), np.array(base.scales), np.array(base.biases), 4, 32)
+        w64 = unpack_affine(
+            np.array(base.weight), np.array(base.scales), np.array(base.biases), 4, 32
+        )
         _check(layer, w64, None)
     finally:
         L._auto_dequantize.cache_clear()
@@ -160,11 +179,18 @@ def test_adapter_round_trip_swap_and_remove(tmp_path):
     L.save_adapter(model, tmp_path / "b", cfg)
 
     saved = mx.load(str(tmp_path / "a" / L.ADAPTER_WEIGHTS))
-    assert set(saved) == {f"model.layers.1.self_attn.{p}.{w}" for p in ("q_proj", "v_proj")
-                          for w in ("lora_a", "lora_b")}
+    assert set(saved) == {
+        f"model.layers.1.self_attn.{p}.{w}"
+        for p in ("q_proj", "v_proj")
+        for w in ("lora_a", "lora_b")
+    }
     written = json.loads((tmp_path / "a" / L.ADAPTER_CONFIG).read_text())
-    assert written["lora_parameters"] == {"rank": 4, "scale": 2.0, "dropout": 0.0,
-                                          "keys": ["self_attn.q_proj", "self_attn.v_proj"]}
+    assert written["lora_parameters"] == {
+        "rank": 4,
+        "scale": 2.0,
+        "dropout": 0.0,
+        "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+    }
 
     fresh = tiny_llama()  # same seed: same base weights
     L.load_adapter(fresh, tmp_path / "a")
@@ -232,11 +258,25 @@ def test_mla_projections_adapted_and_absorbed_decode_sees_the_adapter():
     from engine.models import get_model_classes
 
     Model, Args = get_model_classes("deepseek_v2")
-    cfg = dict(model_type="deepseek_v2", vocab_size=64, hidden_size=48, intermediate_size=64,
-               moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-               kv_lora_rank=32, q_lora_rank=20, qk_rope_head_dim=8, qk_nope_head_dim=16,
-               v_head_dim=12, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-               max_position_embeddings=128, rope_theta=10000.0)
+    cfg = dict(
+        model_type="deepseek_v2",
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        kv_lora_rank=32,
+        q_lora_rank=20,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=12,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+    )
     mx.random.seed(0)
     model = Model(Args.from_dict(cfg))
     mx.eval(model.parameters())
@@ -244,7 +284,11 @@ def test_mla_projections_adapted_and_absorbed_decode_sees_the_adapter():
     for k in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
         assert f"self_attn.{k}" in keys
     assert "mlp.shared_experts.down_proj" in keys and not any(k.endswith("gate") for k in keys)
-    assert {"mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"} <= set(keys)
+    assert {
+        "mlp.switch_mlp.gate_proj",
+        "mlp.switch_mlp.up_proj",
+        "mlp.switch_mlp.down_proj",
+    } <= set(keys)
     randomize_adapters(model, seed=5)
     x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     full = model(x)
@@ -285,8 +329,18 @@ def test_expert_lora_gradients_match_torch(quantized):
     base = SwitchLinear(64, 40, num_experts=4)
     if quantized:
         base = QuantizedSwitchLinear.from_switch_linear(base, group_size=32, bits=4)
-        w64 = np.stack([unpack_affine(np.array(base.weight[e]), np.array(base.scales[e]),
-                                      np.array(base.biases[e]), 4, 32) for e in range(4)])
+        w64 = np.stack(
+            [
+                unpack_affine(
+                    np.array(base.weight[e]),
+                    np.array(base.scales[e]),
+                    np.array(base.biases[e]),
+                    4,
+                    32,
+                )
+                for e in range(4)
+            ]
+        )
     else:
         w64 = np.array(base.weight, dtype=np.float64)
     layer = L.LoRASwitchLinear(base, rank=4, scale=1.5)
@@ -307,7 +361,8 @@ def test_expert_lora_gradients_match_torch(quantized):
     tb = torch.tensor(np.array(layer.lora_b, dtype=np.float64), requires_grad=True)
     tw = torch.tensor(w64)
     y = torch.einsum("ni,noi->no", tx, tw[ix]) + 1.5 * torch.einsum(
-        "nr,nor->no", torch.einsum("ni,nri->nr", tx, ta[ix]), tb[ix])
+        "nr,nor->no", torch.einsum("ni,nri->nr", tx, ta[ix]), tb[ix]
+    )
     (y * torch.tensor(np.array(g, dtype=np.float64)[:, 0])).sum().backward()
     np.testing.assert_allclose(np.array(gx)[:, 0], tx.grad.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.array(gp["lora_a"]), ta.grad.numpy(), atol=1e-5)

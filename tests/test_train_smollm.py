@@ -74,12 +74,24 @@ def test_qlora_learns_invented_facts(default_model_path, tmp_path):
     if lib and not os.environ.get("LATENT_NO_OPENBLAS"):
         env["LD_PRELOAD"] = f"{lib} {env.get('LD_PRELOAD', '')}".strip()
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(default_model_path), str(data), str(tmp_path / "adapter"),
-         str(tmp_path / "run"), json.dumps(FACTS)],
-        capture_output=True, text=True, env=env, timeout=900)
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(default_model_path),
+            str(data),
+            str(tmp_path / "adapter"),
+            str(tmp_path / "run"),
+            json.dumps(FACTS),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    r = json.loads(line[len("RESULT "):])
+    r = json.loads(line[len("RESULT ") :])
     print(json.dumps({k: r[k] for k in ("ppl_before", "ppl_after", "completions")}))
     assert r["quantized_base"] == "QuantizedLinear"  # QLoRA: the base stayed 4-bit
     assert r["ppl_after"] <= 0.7 * r["ppl_before"], r
@@ -104,12 +116,14 @@ def test_export_of_the_gguf_model_is_a_standalone_folder(default_model_path, tmp
     want = np.array(src.model(x))
     export(src.model, default_model_path, tmp_path / "out", config=src.config)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in (tmp_path / "out").iterdir()}
+        p.name for p in (tmp_path / "out").iterdir()
+    }
     again = engine.load(tmp_path / "out")
     text = "Hello, world! <|im_start|>user\nhi<|im_end|>"
     assert again.tokenizer.encode(text) == src.tokenizer.encode(text)
-    assert again.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == \
-        src.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert again.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}]
+    ) == src.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     np.testing.assert_allclose(np.array(again.model(x)), want, atol=1e-4)
 
     from mlx_lm.utils import load_model

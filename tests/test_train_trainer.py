@@ -41,8 +41,12 @@ THINGS = ["apples", "kites", "stones", "maps", "bells"]
 
 def corpus(n_docs: int = 12, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(f"{rng.choice(NAMES)} has {rng.randint(2, 9)} {rng.choice(THINGS)}."
-                     for _ in range(40)) for _ in range(n_docs)]
+    return [
+        " ".join(
+            f"{rng.choice(NAMES)} has {rng.randint(2, 9)} {rng.choice(THINGS)}." for _ in range(40)
+        )
+        for _ in range(n_docs)
+    ]
 
 
 def make_tiny_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
@@ -56,15 +60,32 @@ def make_tiny_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
-    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": tk.get_vocab_size(),
-           "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "rope_theta": 10000.0}
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+        )
+    )
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": tk.get_vocab_size(),
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 256,
+        "rope_theta": 10000.0,
+    }
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(cfg))
     mx.eval(model.parameters())
@@ -86,9 +107,21 @@ def setup(tmp_path_factory):
 
 def base_config(setup, tmp_path: Path, **kw) -> TrainConfig:
     model, data = setup
-    args = dict(model=str(model), data=str(data), out=str(tmp_path / "adapter"),
-                run_dir=str(tmp_path / "run"), max_seq_len=64, batch_size=4, lr=1e-2, rank=8,
-                alpha=16, eval_every=0, save_every=0, val_fraction=0.25, max_steps=8)
+    args = dict(
+        model=str(model),
+        data=str(data),
+        out=str(tmp_path / "adapter"),
+        run_dir=str(tmp_path / "run"),
+        max_seq_len=64,
+        batch_size=4,
+        lr=1e-2,
+        rank=8,
+        alpha=16,
+        eval_every=0,
+        save_every=0,
+        val_fraction=0.25,
+        max_steps=8,
+    )
     args.update(kw)
     return TrainConfig(**args)
 
@@ -139,8 +172,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(setup, tmp_path):
     losses = {e.step: e.loss for e in straight if e.kind == "step"}
 
     cfg = base_config(setup, tmp_path / "b", **kw)
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg.to_json()), "4"],
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(cfg.to_json()), "4"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     first = {}
     try:
         for line in proc.stdout:
@@ -158,8 +195,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(setup, tmp_path):
     second = {e.step: e.loss for e in resumed if e.kind == "step"}
     assert sorted(second) == [5, 6, 7, 8]  # nothing repeated, nothing lost
     got = {**first, **second}
-    np.testing.assert_allclose([got[s] for s in range(1, 9)], [losses[s] for s in range(1, 9)],
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        [got[s] for s in range(1, 9)], [losses[s] for s in range(1, 9)], rtol=0, atol=1e-5
+    )
     a = mx.load(str(tmp_path / "a" / "adapter" / L.ADAPTER_WEIGHTS))
     b = mx.load(str(tmp_path / "b" / "adapter" / L.ADAPTER_WEIGHTS))
     assert set(a) == set(b)
@@ -190,7 +228,10 @@ def test_grad_checkpointing_and_accumulation_keep_gradients(setup):
     set_grad_checkpoint(model, True)
     s1, g1 = _grads(model, x, y, m)
     set_grad_checkpoint(model, False)
-    assert type(model.layers[0]).__name__ == "DecoderLayer" and "_ckpt_base" not in type(model.layers[0]).__dict__
+    assert (
+        type(model.layers[0]).__name__ == "DecoderLayer"
+        and "_ckpt_base" not in type(model.layers[0]).__dict__
+    )
     # accumulation: two half-batches' summed gradients equal the whole batch's
     sa, ga = _grads(model, x[:2], y[:2], m[:2])
     sb, gb = _grads(model, x[2:], y[2:], m[2:])
@@ -210,14 +251,25 @@ def test_cancel_leaves_a_resumable_checkpoint(setup, tmp_path):
             cancel.set()
     assert events[-1].kind == "cancelled" and events[-1].step == 2
     assert Path(events[-1].checkpoint).is_dir()
-    rest = [e for e in train(TrainConfig(model=None, data="", resume=str(tmp_path / "run")))
-            if e.kind == "step"]
+    rest = [
+        e
+        for e in train(TrainConfig(model=None, data="", resume=str(tmp_path / "run")))
+        if e.kind == "step"
+    ]
     assert [e.step for e in rest] == [3, 4, 5, 6]
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(setup, tmp_path):
-    cfg = base_config(setup, tmp_path, max_steps=40, lr=1e30, save_every=1, max_grad_norm=None,
-                      warmup_steps=0, fine_tune_type="full")
+    cfg = base_config(
+        setup,
+        tmp_path,
+        max_steps=40,
+        lr=1e30,
+        save_every=1,
+        max_grad_norm=None,
+        warmup_steps=0,
+        fine_tune_type="full",
+    )
     steps = []
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+.*last good checkpoint"):
         for ev in train(cfg):
@@ -251,8 +303,9 @@ def test_full_fine_tuning_saves_a_loadable_adapter(setup, tmp_path):
     loaded = engine.load(setup[0])
     x = mx.array([loaded.tokenizer.encode("Ada has 3 kites. Bo has")])
     before = np.array(loaded.model(x))
-    cfg = base_config(setup, tmp_path, model=loaded, fine_tune_type="full", num_layers=1, max_steps=3,
-                      lr=1e-3)
+    cfg = base_config(
+        setup, tmp_path, model=loaded, fine_tune_type="full", num_layers=1, max_steps=3, lr=1e-3
+    )
     events = list(train(cfg))
     assert events[-1].kind == "done"
     saved = mx.load(str(tmp_path / "adapter" / L.ADAPTER_WEIGHTS))

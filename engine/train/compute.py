@@ -31,8 +31,11 @@ def set_grad_checkpoint(model: nn.Module, on: bool) -> None:
         cls = type(layer)
         base = getattr(cls, "_ckpt_base", None)
         if on and base is None:
-            layer.__class__ = type(cls.__name__, (cls,), {
-                "__call__": _checkpointed_call(cls.__call__), "_ckpt_base": cls})
+            layer.__class__ = type(
+                cls.__name__,
+                (cls,),
+                {"__call__": _checkpointed_call(cls.__call__), "_ckpt_base": cls},
+            )
         elif not on and base is not None:
             layer.__class__ = base
 
@@ -54,8 +57,14 @@ class _DequantLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] < 16:
             return super().__call__(x)
-        w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode)
+        w = mx.dequantize(
+            self.weight,
+            self.scales,
+            self.get("biases"),
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
         y = x @ w.astype(x.dtype).T
         return y + self.bias if "bias" in self else y
 
@@ -77,14 +86,25 @@ def dequantized_compute(model: nn.Module, on: bool) -> int:
             continue
         if not L.dequantize_for_matmul():
             break
-        head = (type(m) is nn.QuantizedEmbedding and name.endswith("embed_tokens")
-                and "lm_head" not in model) or (type(m) is nn.QuantizedLinear and name == "lm_head")
+        head = (
+            type(m) is nn.QuantizedEmbedding
+            and name.endswith("embed_tokens")
+            and "lm_head" not in model
+        ) or (type(m) is nn.QuantizedLinear and name == "lm_head")
         if head:
-            w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size,
-                              bits=m.bits, mode=m.mode).astype(mx.float32)
+            w = mx.dequantize(
+                m.weight,
+                m.scales,
+                m.get("biases"),
+                group_size=m.group_size,
+                bits=m.bits,
+                mode=m.mode,
+            ).astype(mx.float32)
             mx.eval(w)
             _DEQUANT[id(m)] = w
-            m.__class__ = _CachedHeadEmbedding if isinstance(m, nn.QuantizedEmbedding) else _CachedHeadLinear
+            m.__class__ = (
+                _CachedHeadEmbedding if isinstance(m, nn.QuantizedEmbedding) else _CachedHeadLinear
+            )
             held += w.nbytes
         elif type(m) is nn.QuantizedLinear:
             m.__class__ = _DequantLinear

@@ -187,8 +187,29 @@ class _HTMLText(html.parser.HTMLParser):
     """Visible text of an HTML page: no script/style/head, a line break after block elements."""
 
     _HIDDEN = {"script", "style", "head", "noscript", "template", "svg"}
-    _BLOCK = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section",
-              "article", "pre", "blockquote", "table", "ul", "ol", "hr", "header", "footer"}
+    _BLOCK = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "tr",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "section",
+        "article",
+        "pre",
+        "blockquote",
+        "table",
+        "ul",
+        "ol",
+        "hr",
+        "header",
+        "footer",
+    }
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -251,13 +272,18 @@ def _read_jsonl(path: Path, report: DataReport) -> list[_Doc]:
             bad.append(f"line {n}: not a JSON object")
         elif isinstance(record.get("messages"), list):
             msgs = record["messages"]
-            if all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in msgs):
+            if all(
+                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str)
+                for m in msgs
+            ):
                 docs.append(_Doc(where, messages=msgs))
             else:
                 bad.append(f"line {n}: messages need 'role' and string 'content'")
         elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-            msgs = [{"role": "user", "content": record["prompt"]},
-                    {"role": "assistant", "content": record["completion"]}]
+            msgs = [
+                {"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["completion"]},
+            ]
             docs.append(_Doc(where, messages=msgs))
         elif isinstance(record.get("text"), str):
             docs.append(_Doc(where, text=record["text"]))
@@ -342,18 +368,27 @@ def tokenize_document(doc: _Doc, tokenizer) -> tuple[list[int], list[bool]]:
         return ids, [False] + [True] * (len(ids) - 1)
 
     msgs = [{"role": m["role"], "content": m["content"]} for m in doc.messages or []]
-    full = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=False),
-                            add_special_tokens=False)
+    full = tokenizer.encode(
+        tokenizer.apply_chat_template(msgs, add_generation_prompt=False), add_special_tokens=False
+    )
     mask = [False] * len(full)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
         # The assistant turn is what the conversation up to it (with the generation prompt)
         # lacks compared with the conversation including it.
-        before = tokenizer.encode(tokenizer.apply_chat_template(msgs[:i], add_generation_prompt=True),
-                                  add_special_tokens=False) if i else []
-        upto = tokenizer.encode(tokenizer.apply_chat_template(msgs[: i + 1], add_generation_prompt=False),
-                                add_special_tokens=False)
+        before = (
+            tokenizer.encode(
+                tokenizer.apply_chat_template(msgs[:i], add_generation_prompt=True),
+                add_special_tokens=False,
+            )
+            if i
+            else []
+        )
+        upto = tokenizer.encode(
+            tokenizer.apply_chat_template(msgs[: i + 1], add_generation_prompt=False),
+            add_special_tokens=False,
+        )
         start = _common_prefix(before, full)
         end = _common_prefix(upto, full)
         for j in range(start, end):
@@ -361,8 +396,9 @@ def tokenize_document(doc: _Doc, tokenizer) -> tuple[list[int], list[bool]]:
     return list(full), mask
 
 
-def chunk_document(ids: list[int], mask: list[bool], max_seq_len: int, overlap: int,
-                   source: str) -> list[Example]:
+def chunk_document(
+    ids: list[int], mask: list[bool], max_seq_len: int, overlap: int, source: str
+) -> list[Example]:
     """Overlapping windows of ≤ max_seq_len tokens; each target token belongs to one window."""
     n = len(ids)
     arr, m = np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)
@@ -398,7 +434,7 @@ def _shingles(tokens: np.ndarray) -> np.ndarray:
         return np.unique(t)
     h = np.zeros(len(t) - _SHINGLE + 1, dtype=np.uint64)
     for k in range(_SHINGLE):
-        h = h * np.uint64(1_000_003) + t[k: len(t) - _SHINGLE + 1 + k]
+        h = h * np.uint64(1_000_003) + t[k : len(t) - _SHINGLE + 1 + k]
     return np.unique(h)
 
 
@@ -414,11 +450,15 @@ def dedup(examples: list[Example]) -> tuple[list[Example], int]:
     removed = 0
     for ex in examples:
         sh = _shingles(ex.tokens)
-        sig = ((a * (sh[None, :] & np.uint64(0x7FFFFFFF)) + b) % np.uint64(2_147_483_647)).min(axis=1)
-        keys = [(band, *sig[band * rows:(band + 1) * rows].tolist()) for band in range(_BANDS)]
+        sig = ((a * (sh[None, :] & np.uint64(0x7FFFFFFF)) + b) % np.uint64(2_147_483_647)).min(
+            axis=1
+        )
+        keys = [(band, *sig[band * rows : (band + 1) * rows].tolist()) for band in range(_BANDS)]
         cand = {i for k in keys for i in buckets.get(k, ())}
         s = set(sh.tolist())
-        if any(len(s & kept_sets[i]) / max(1, len(s | kept_sets[i])) >= DEDUP_THRESHOLD for i in cand):
+        if any(
+            len(s & kept_sets[i]) / max(1, len(s | kept_sets[i])) >= DEDUP_THRESHOLD for i in cand
+        ):
             removed += 1
             continue
         idx = len(kept)
@@ -465,8 +505,9 @@ def build_dataset(
     docs = read_folder(folder, report)
     if not docs:
         if not report.files_skipped:
-            raise TrainingError(f"{folder}: no documents found (empty folder); supported: "
-                                f"{', '.join(SUFFIXES)}")
+            raise TrainingError(
+                f"{folder}: no documents found (empty folder); supported: {', '.join(SUFFIXES)}"
+            )
         reasons = "; ".join(f"{p}: {r}" for p, r in report.files_skipped[:5])
         raise TrainingError(f"{folder}: no usable documents ({reasons})")
 
@@ -510,7 +551,9 @@ def build_dataset(
     report.train_tokens = sum(e.n_targets for e in train_ex)
     report.val_tokens = sum(e.n_targets for e in val_ex)
     if not train_ex:
-        raise TrainingError(f"{folder}: every chunk was a duplicate or held out; nothing to train on")
+        raise TrainingError(
+            f"{folder}: every chunk was a duplicate or held out; nothing to train on"
+        )
     return Dataset(train_ex, val_ex, max_seq_len), report
 
 

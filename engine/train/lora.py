@@ -36,8 +36,18 @@ ADAPTER_WEIGHTS = "adapters.safetensors"
 
 # Linear layers inside a decoder layer, by group. MLA projections are attention; router gates
 # (`mlp.gate`) are never adapted: a low-rank change to routing destabilises MoE training.
-ATTENTION_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj",
-                  "kv_a_proj_with_mqa", "kv_b_proj", "c_attn", "out_proj")
+ATTENTION_KEYS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "c_attn",
+    "out_proj",
+)
 MLP_KEYS = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "c_fc", "c_proj", "fc1", "fc2")
 TARGET_PRESETS = {
     "attention": ATTENTION_KEYS,
@@ -95,8 +105,14 @@ def _is_affine_quantized(layer: nn.Module) -> bool:
 def dequantized_weight(layer: nn.Module) -> mx.array:
     """The (out, in) weight of a linear layer of any supported kind, as floats."""
     if isinstance(layer, nn.QuantizedLinear):
-        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"),
-                             group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+        return mx.dequantize(
+            layer.weight,
+            layer.scales,
+            layer.get("biases"),
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
     if isinstance(layer, nn.Linear):
         return layer.weight
     if hasattr(layer, "dequantized"):  # engine.quant.fp8.Fp8Linear
@@ -130,9 +146,13 @@ def is_linear(layer: Any) -> bool:
     if isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
         return True
     # other quantized linears (e.g. fp8 with block scales) that can hand out their weight
-    return isinstance(layer, nn.Module) and "weight" in layer and layer["weight"].ndim == 2 and (
-        hasattr(layer, "dequantize") or hasattr(layer, "dequantized")
-    ) and not isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
+    return (
+        isinstance(layer, nn.Module)
+        and "weight" in layer
+        and layer["weight"].ndim == 2
+        and (hasattr(layer, "dequantize") or hasattr(layer, "dequantized"))
+        and not isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
+    )
 
 
 class LoRALinear(nn.Module):
@@ -191,7 +211,9 @@ class LoRALinear(nn.Module):
         if has_bias:
             fused.bias = base.bias
         if _is_affine_quantized(base) and not dequantize:
-            fused = nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, mode=base.mode)
+            fused = nn.QuantizedLinear.from_linear(
+                fused, base.group_size, base.bits, mode=base.mode
+            )
         elif "weight_scale_inv" in base and not dequantize:  # fp8 with block scales: re-quantize
             from engine.quant.fp8 import quantize_fp8_blocks
 
@@ -205,15 +227,25 @@ class LoRALinear(nn.Module):
 
 def _is_switch(layer: Any) -> bool:
     """Stacked experts (engine.layers.moe.SwitchLinear and its quantized/fp8 variants)."""
-    return isinstance(layer, nn.Module) and "weight" in layer and layer["weight"].ndim == 3 and (
-        hasattr(type(layer), "num_experts"))
+    return (
+        isinstance(layer, nn.Module)
+        and "weight" in layer
+        and layer["weight"].ndim == 3
+        and (hasattr(type(layer), "num_experts"))
+    )
 
 
 def _switch_weight(layer: nn.Module) -> mx.array:
     """(E, out, in) float weight of a stacked-experts layer."""
     if "scales" in layer:
-        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"),
-                             group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+        return mx.dequantize(
+            layer.weight,
+            layer.scales,
+            layer.get("biases"),
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
     if hasattr(layer, "dequantized"):
         return layer.dequantized(mx.float32)
     return layer.weight
@@ -238,10 +270,15 @@ class LoRASwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         y = self.linear(x, indices, sorted_indices=sorted_indices)
-        z = mx.gather_mm(self.dropout(x).astype(mx.float32), self.lora_a.swapaxes(-1, -2),
-                         rhs_indices=indices, sorted_indices=sorted_indices)
-        z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices,
-                         sorted_indices=sorted_indices)
+        z = mx.gather_mm(
+            self.dropout(x).astype(mx.float32),
+            self.lora_a.swapaxes(-1, -2),
+            rhs_indices=indices,
+            sorted_indices=sorted_indices,
+        )
+        z = mx.gather_mm(
+            z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+        )
         return y + (self.scale * z).astype(y.dtype)
 
     def delta(self) -> mx.array:
@@ -258,7 +295,9 @@ class LoRASwitchLinear(nn.Module):
         if "bias" in base:
             fused.bias = base.bias
         if "scales" in base and not dequantize:
-            fused = QuantizedSwitchLinear.from_switch_linear(fused, base.group_size, base.bits, base.mode)
+            fused = QuantizedSwitchLinear.from_switch_linear(
+                fused, base.group_size, base.bits, base.mode
+            )
         return fused  # an fp8 expert stack fuses to float experts (no fp8 switch re-quantizer)
 
 
@@ -323,10 +362,15 @@ def apply_lora(
     layers = _decoder_layers(model)
     keys: set[str] = set()
     model.freeze()
-    for layer in layers[len(layers) - n:]:
-        swaps = [(path, (LoRASwitchLinear if _is_switch(m) else LoRALinear)(m, rank, alpha / rank, dropout))
-                 for path, m in layer.named_modules()
-                 if (is_linear(m) or _is_switch(m)) and _matches(path, wanted)]
+    for layer in layers[len(layers) - n :]:
+        swaps = [
+            (
+                path,
+                (LoRASwitchLinear if _is_switch(m) else LoRALinear)(m, rank, alpha / rank, dropout),
+            )
+            for path, m in layer.named_modules()
+            if (is_linear(m) or _is_switch(m)) and _matches(path, wanted)
+        ]
         if swaps:
             layer.update_modules(tree_unflatten(swaps))
             keys.update(p for p, _ in swaps)
@@ -337,7 +381,9 @@ def apply_lora(
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRASwitchLinear))]
+    return [
+        (p, m) for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRASwitchLinear))
+    ]
 
 
 def remove_adapter(model: nn.Module) -> int:
@@ -362,9 +408,11 @@ def prepare_full(model: nn.Module, num_layers: int | None = None) -> list[str]:
     n = _check_num_layers(model, num_layers)
     layers = _decoder_layers(model)
     model.freeze()
-    for layer in layers[len(layers) - n:]:
+    for layer in layers[len(layers) - n :]:
         if any(isinstance(m, nn.Module) and "scales" in m for _, m in layer.named_modules()):
-            raise TrainingError("full fine-tuning needs an unquantized model; use LoRA (QLoRA) instead")
+            raise TrainingError(
+                "full fine-tuning needs an unquantized model; use LoRA (QLoRA) instead"
+            )
         layer.unfreeze()
     return [f"layers.{i}" for i in range(len(layers) - n, len(layers))]
 
@@ -377,16 +425,31 @@ def adapter_weights(model: nn.Module, fine_tune_type: str = "lora") -> dict[str,
     """The tensors an adapter file holds: every lora_a/lora_b, or the trainable weights (full)."""
     if fine_tune_type == "full":
         return dict(tree_flatten(model.trainable_parameters()))
-    return {k: v for k, v in tree_flatten(model.parameters())
-            if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    return {
+        k: v
+        for k, v in tree_flatten(model.parameters())
+        if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+    }
 
 
-def adapter_config(model: nn.Module, keys: list[str], num_layers: int, rank: int, alpha: float,
-                   dropout: float, fine_tune_type: str = "lora", **extra: Any) -> dict[str, Any]:
+def adapter_config(
+    model: nn.Module,
+    keys: list[str],
+    num_layers: int,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    fine_tune_type: str = "lora",
+    **extra: Any,
+) -> dict[str, Any]:
     cfg: dict[str, Any] = {"fine_tune_type": fine_tune_type, "num_layers": num_layers}
     if fine_tune_type == "lora":
-        cfg["lora_parameters"] = {"rank": rank, "scale": alpha / rank, "dropout": dropout,
-                                  "keys": list(keys)}
+        cfg["lora_parameters"] = {
+            "rank": rank,
+            "scale": alpha / rank,
+            "dropout": dropout,
+            "keys": list(keys),
+        }
     else:
         cfg["lora_parameters"] = None
     cfg.update(extra)
@@ -402,7 +465,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
+def save_safetensors_atomic(
+    path: Path, arrays: dict[str, mx.array], metadata: dict | None = None
+) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.safetensors")
     mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
     with open(tmp, "rb+") as f:
@@ -459,11 +524,19 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
         try:
             rank, scale = int(lp["rank"]), float(lp["scale"])
         except (KeyError, TypeError, ValueError):
-            raise ModelLoadError(f"{folder / ADAPTER_CONFIG}: lora_parameters needs rank and scale") from None
+            raise ModelLoadError(
+                f"{folder / ADAPTER_CONFIG}: lora_parameters needs rank and scale"
+            ) from None
         keys = lp.get("keys")
         try:
-            apply_lora(model, targets=keys, rank=rank, alpha=scale * rank,
-                       dropout=float(lp.get("dropout", 0.0)), num_layers=cfg.get("num_layers"))
+            apply_lora(
+                model,
+                targets=keys,
+                rank=rank,
+                alpha=scale * rank,
+                dropout=float(lp.get("dropout", 0.0)),
+                num_layers=cfg.get("num_layers"),
+            )
         except TrainingError as e:
             raise ModelLoadError(f"{folder}: {e}") from None
         allowed = adapter_weights(model, "lora")
@@ -477,13 +550,17 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
             raise ModelLoadError(f"{weights_file}: tensor {name} has no place in this model")
         if tuple(w.shape) != tuple(allowed[name].shape):
             remove_adapter(model)
-            raise ModelLoadError(f"{weights_file}: {name} has shape {tuple(w.shape)}, the model "
-                                 f"expects {tuple(allowed[name].shape)} (adapter for another model?)")
+            raise ModelLoadError(
+                f"{weights_file}: {name} has shape {tuple(w.shape)}, the model "
+                f"expects {tuple(allowed[name].shape)} (adapter for another model?)"
+            )
     if kind == "lora":
         missing = sorted(set(allowed) - set(weights))
         if missing:
             remove_adapter(model)
-            raise ModelLoadError(f"{weights_file}: missing {len(missing)} adapter tensors, e.g. {missing[0]}")
+            raise ModelLoadError(
+                f"{weights_file}: missing {len(missing)} adapter tensors, e.g. {missing[0]}"
+            )
         weights = {k: v.astype(mx.float32) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
@@ -494,9 +571,17 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
 # Export
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "tokenizer.model", "chat_template.jinja", "generation_config.json",
-                    "vocab.json", "merges.txt", "added_tokens.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 def _model_config(model: nn.Module, config: dict[str, Any] | None) -> dict[str, Any]:
@@ -563,8 +648,13 @@ def _write_tokenizer(tokenizer_src: Any, out: Path) -> None:
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
-def export(model: nn.Module, tokenizer_src: Any, out_dir: str | Path,
-           config: dict[str, Any] | None = None, dequantize: bool = False) -> Path:
+def export(
+    model: nn.Module,
+    tokenizer_src: Any,
+    out_dir: str | Path,
+    config: dict[str, Any] | None = None,
+    dequantize: bool = False,
+) -> Path:
     """Write a standalone model folder: adapters fused, `config.json`, `model.safetensors`,
     tokenizer files. `tokenizer_src` is an HF folder, a .gguf file or a loaded Tokenizer.
     The model's own adapters are fused in place."""
