@@ -40,8 +40,11 @@ from engine.inspect_ref import FAMILIES, family_of, reference_forward
 
 PARTS = ("embeddings", "attention", "norms", "mlp", "experts", "router", "lora", "other")
 
-# Allowed max |engine − reference| / max(1, max |reference|), per compute dtype.
-TOLERANCE = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 1e-1}
+# Allowed max |engine − reference| / max(1, scale), per compute dtype; the scale of a residual
+# state is the largest |value| the stream has held up to it, of the final norm and logits their
+# own. Measured on SmolLM2-135M Q4_1 (3 prompts): float32 ≤ 1e-5, float16 ≤ 3.4e-2, bfloat16 ≤ 0.33
+# (bf16 keeps 8 mantissa bits: at the stream's 2e4 outliers its spacing is 128).
+TOLERANCE = {"float32": 1e-4, "float16": 1e-1, "bfloat16": 5e-1}
 
 
 # ------------------------------------------------------------------------------ storage
@@ -332,7 +335,7 @@ def look(
 class MathRow:
     name: str  # "embeddings", "layer 0", …, "final norm", "logits"
     max_abs: float
-    scale: float  # max |reference| of that state
+    scale: float  # max |reference| of that state (residual rows: of every state up to it)
 
 
 @dataclass
@@ -355,7 +358,7 @@ class MathReport:
         return self.max_rel <= self.tolerance
 
     def table(self) -> str:
-        lines = [f"{'state':<14}{'max |engine - ref|':>20}{'max |ref|':>14}{'relative':>12}"]
+        lines = [f"{'state':<14}{'max |engine - ref|':>20}{'scale':>14}{'relative':>12}"]
         for r in self.rows:
             lines.append(
                 f"{r.name:<14}{r.max_abs:>20.3e}{r.scale:>14.3e}{r.max_abs / max(1.0, r.scale):>12.2e}"
@@ -404,8 +407,11 @@ def check_math(
         e = np.array(eng.astype(mx.float32), dtype=np.float64).reshape(r.shape)
         rows.append(MathRow(name, float(np.abs(e - r).max()), float(np.abs(r).max())))
 
-    for i, (h, r) in enumerate(zip(hidden, ref.hidden)):
+    running = 0.0  # errors made where the stream is large are carried forward: scale by the
+    for i, (h, r) in enumerate(zip(hidden, ref.hidden)):  # largest |value| held so far
         add("embeddings" if i == 0 else f"layer {i - 1}", h[0], r)
+        running = max(running, rows[-1].scale)
+        rows[-1].scale = running
     if final is not None:
         add("final norm", final[0], ref.final)
     add("logits", logits[0], ref.logits)
