@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
     )
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if last is None or not last.done:
         return 1
     print(
-        f"validation perplexity {math.exp(last.val_loss):.2f}; unigram baseline {last.unigram_ppl:.2f}"
+        f"validation perplexity {math.exp(last.val_loss):.2f} (best checkpoint); unigram baseline {last.unigram_ppl:.2f}"
     )
     print(f"saved to {last.out}")
     return 0

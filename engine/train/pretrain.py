@@ -10,7 +10,8 @@ Data: every .txt/.md file under the folder is one document, encoded as BOS + tex
 last `val_fraction` of each document's tokens is held out. Training samples random windows of
 `seq_len + 1` tokens; the loss is cross-entropy (−log p of each next token) plus, for MoE, the
 load-balancing loss times `aux_loss_coef`. AdamW with warmup and cosine decay, gradients
-clipped to norm 1. `unigram_perplexity` is the baseline a model must beat: next-token
+clipped to norm 1; the weights with the best validation loss are the ones saved (a corpus of a
+few tens of KB overfits). `unigram_perplexity` is the baseline a model must beat: next-token
 probabilities from training-token frequencies alone (add-one smoothed).
 
 The fine-tune trainer (engine/train/trainer.py) is built around a loaded checkpoint and adapters;
@@ -66,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=512,
         seq_len=64,
         batch_size=16,
-        steps=500,
+        steps=300,
         lr=3e-3,
     ),
     "small": dict(
@@ -119,7 +120,7 @@ class PretrainConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # any ModelArgs or loop key
     byte_fallback: bool = False
     val_fraction: float = 0.1
-    eval_every: int = 100
+    eval_every: int = 50
     seed: int = 0
     warmup: int = 20
 
@@ -316,6 +317,7 @@ def pretrain(
         return loss
 
     t0, seen, val = time.perf_counter(), 0, None
+    best, best_params, step, loss = math.inf, None, 0, mx.array(math.nan)
     for step in range(1, steps + 1):
         if cancel is not None and cancel.is_set():
             break
@@ -327,9 +329,13 @@ def pretrain(
         val = None
         if step % config.eval_every == 0 or step == steps:
             val = evaluate(model, chunks)
+            if val < best:  # updates replace arrays, so holding these keeps a snapshot
+                best, best_params = val, tree_flatten(model.parameters())
         yield PretrainEvent(
             step, steps, float(loss), val, seen / (time.perf_counter() - t0), unigram_ppl=baseline
         )
+    if best_params is not None:  # a small corpus overfits: keep the best validation weights
+        model.load_weights(best_params)
     save(model, out, sp)
     final = evaluate(model, chunks)
     yield PretrainEvent(
