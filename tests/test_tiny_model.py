@@ -142,3 +142,23 @@ def test_router_capture():
 def test_bad_choice_is_refused():
     with pytest.raises(ValueError, match="positional='fourier'"):
         ModelArgs(positional="fourier")
+
+
+@pytest.mark.parametrize("attention", ["mha", "gqa", "mla"])
+@pytest.mark.parametrize("positional", ["rope", "alibi"])
+def test_attention_capture_equals_reference(attention, positional):
+    """Captured attention (H, L, L) per layer equals the float64 reference's probabilities."""
+    from engine.inspect_ref import reference_forward
+    from engine.quant.convert import float_weights
+
+    model = make(attention=attention, positional=positional)
+    loaded = SimpleNamespace(model=model, config={}, tokenizer=None)
+    lk = ins.look(loaded, IDS)
+    ref = reference_forward(
+        ins.reference_config(loaded), float_weights(model), IDS, want_attention=True
+    )
+    assert len(lk.attention) == len(ref.attention) == 2
+    for got, want in zip(lk.attention, ref.attention):
+        assert got.shape == (4, len(IDS), len(IDS))
+        assert np.all(np.triu(got, k=1) == 0.0)
+        assert np.abs(got - want).max() < 1e-5
