@@ -226,3 +226,22 @@ def test_cli_check_math_default_model(default_model_path):
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("max abs difference: ")
     assert float(last.split(":")[1]) < 0.1
+
+
+@pytest.mark.slow
+def test_storage_of_default_model(default_model_path):
+    """The GGUF Q4_1 SmolLM2: packed tensors are named by format, KV per token from its config."""
+    loaded = engine.load(default_model_path)
+    st = ins.storage(loaded)
+    assert any(r.format.startswith("affine q4") for r in st.rows)
+    assert sum(r.bytes for r in st.rows) == st.total_bytes
+    c = loaded.config
+    hd = c["hidden_size"] // c["num_attention_heads"]
+    item = 4 if loaded.info.dtype == "float32" else 2
+    assert (
+        st.kv_bytes_per_token == 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * hd * item
+    )
+    assert (
+        st.kv_bytes_per_token_full
+        == 2 * c["num_hidden_layers"] * c["num_attention_heads"] * hd * item
+    )
