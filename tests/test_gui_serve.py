@@ -106,6 +106,8 @@ def test_serve_switch_serves_loaded_model_and_frees_port(qtbot, tmp_path):
         assert "".join(parts) == FULL
         r = http.post("/completions", json={"prompt": "Once", "max_tokens": 3})
         assert r.json()["choices"][0]["text"] == "".join(eng.tokens[:3])
+    win.refresh_memory()  # the toolbar counts what the API did
+    assert "3 served" in win.serve_label.text()
     # MLX streams are thread-bound: every generation ran where the model was loaded
     assert eng.threads["chat"] == eng.threads["load"]
     assert eng.threads["load"] != {threading.get_ident()}
@@ -178,4 +180,42 @@ def test_non_loopback_host_warns(qtbot, tmp_path):
     assert "network" in settings.serve_warning.text() and not settings.serve_warning.isHidden()
     settings.serve_host.setCurrentIndex(settings.serve_host.findData("127.0.0.1"))
     assert settings.serve_warning.isHidden()
+    win.shutdown()
+
+
+def test_switch_off_mid_stream_frees_engine(qtbot, tmp_path):
+    eng = RecordingEngine(delay=0.05, numbered=False, tokens=[f" w{i}" for i in range(200)])
+    win = make_window(qtbot, tmp_path / "c.sqlite", eng)
+    port = free_port()
+    win.store.set_setting("serve_port", port)
+    serve(qtbot, win, True)
+    seen: list = []
+
+    def client() -> None:
+        body = {"messages": [{"role": "user", "content": "count"}], "stream": True}
+        try:
+            with httpx.Client(timeout=30) as http, http.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body
+            ) as s:
+                for line in s.iter_lines():
+                    seen.append(line)
+        except httpx.HTTPError:
+            pass  # the server closed the stream: expected
+
+    t = threading.Thread(target=client)
+    t.start()
+    qtbot.waitUntil(lambda: eng.yielded >= 5, timeout=10000)
+    t0 = time.monotonic()
+    serve(qtbot, win, False)  # within the graceful-shutdown limit, not the 10 s of the reply
+    assert time.monotonic() - t0 < 5
+    t.join(10)
+    qtbot.waitUntil(lambda: eng.active == 0, timeout=5000)
+    assert eng.yielded_at_cancel is not None and eng.yielded < 100  # the generation was stopped
+    assert port_free(port)
+    # the engine thread is free: the window's own chat runs at once
+    eng.tokens = ["ok"]
+    win.chat.composer.setPlainText("still there?")
+    with qtbot.waitSignal(win.chat.reply_finished, timeout=5000):
+        win.chat.send()
+    assert win.chat.messages()[-1].content == "ok"
     win.shutdown()

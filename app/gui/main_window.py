@@ -311,8 +311,20 @@ class MainWindow(QMainWindow):
         if hasattr(self, "serve_btn"):
             self.serve_btn.setEnabled(self.client.info is not None or self.serve_btn.isChecked())
 
+    def _serve_text(self) -> None:
+        """The API's URL and what it has done (refreshed with the memory figures)."""
+        if not self.server.running:
+            return
+        key = " (key required)" if self.serve_settings()[2] else ""
+        served, busy = self.server.proxy.activity() if self.server.proxy else (0, 0)
+        bits = [f"{self.server.url}{key}"]
+        if served or busy:
+            bits.append(f"{served} served" + (f", {busy} in progress" if busy else ""))
+        self.serve_label.setText("  ·  ".join(bits))
+
     def refresh_memory(self) -> None:
-        """The live memory figures (a timer calls this every 2 s)."""
+        """The live memory figures and the API's activity (a timer calls this every 2 s)."""
+        self._serve_text()
         rss, current = process_rss()
         self.mem_rss, self.mem_mlx = rss, mlx_active()
         bits = []
@@ -369,8 +381,7 @@ class MainWindow(QMainWindow):
 
     def _on_serve_state(self, running: bool, url: str) -> None:
         if running:
-            key = " (API key required)" if self.serve_settings()[2] else ""
-            self.serve_label.setText(f"{url}{key}")
+            self._serve_text()
             self.serve_label.setToolTip(f"OpenAI-compatible API for {self.server.model_name}")
             self.serve_btn.setText("Serving")
             return

@@ -33,16 +33,19 @@ class ServerJob:
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.running = threading.Event()
+        self.finished = threading.Event()
         self.engine: Any = None
 
     def run(self, engine: Any) -> None:
         """Called by the engine worker on the engine thread."""
         if self.cancelled.is_set():
+            self.finished.set()
             self.events.put(_END)
             return
         self.engine = engine
         self.running.set()
         stream = None
+        last: Any = _END
         try:
             if self.kind == "chat":
                 stream = engine.chat(self.payload, self.params)
@@ -52,13 +55,14 @@ class ServerJob:
                 self.events.put(ev)
                 if self.cancelled.is_set():
                     engine.cancel()  # the engine ends within one token and says "cancelled"
-            self.events.put(_END)
         except Exception as e:  # noqa: BLE001 - the server maps it to an HTTP status
-            self.events.put(e)
+            last = e
         finally:
             self.running.clear()
             if stream is not None and hasattr(stream, "close"):
                 stream.close()
+            self.finished.set()  # before the reader hears the end: counts are exact
+            self.events.put(last)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -85,11 +89,14 @@ class EngineProxy:
         self.client = client
         self._lock = threading.Lock()
         self._jobs: list[ServerJob] = []
+        self.served = 0  # requests that reached the engine and ended
 
     def _submit(self, kind: str, payload: Any, params: Any) -> Iterator[Any]:
         job = ServerJob(kind, payload, params)
         with self._lock:
-            self._jobs = [j for j in self._jobs if not j.cancelled.is_set()] + [job]
+            done = [j for j in self._jobs if j.finished.is_set()]
+            self.served += len(done)
+            self._jobs = [j for j in self._jobs if not j.finished.is_set()] + [job]
         self.client.submit_job(job)
         return iter(job)
 
@@ -99,13 +106,19 @@ class EngineProxy:
     def complete(self, prompt: str, params: Any = None) -> Iterator[Any]:
         return self._submit("complete", prompt, params)
 
+    def activity(self) -> tuple[int, int]:
+        """(requests served so far, requests running or waiting for the engine now)."""
+        with self._lock:
+            done = sum(j.finished.is_set() for j in self._jobs)
+            return self.served + done, len(self._jobs) - done
+
     def cancel(self) -> None:
         """Stop the server's running request (never a chat typed in the window)."""
         with self._lock:
             jobs = list(self._jobs)
-        for job in jobs:
-            if job.running.is_set():
-                job.cancel()
+        for job in jobs:  # the server runs one request at a time: this is the current one
+            if not job.finished.is_set():
+                job.cancel()  # a job still waiting behind a window chat will not start
 
     def generation_defaults(self) -> Any:
         # reads generation_config.json; no MLX, so any thread may ask
@@ -139,6 +152,7 @@ class ServerController(QObject):
         self._poll.setInterval(50)
         self._poll.timeout.connect(self._check)
         self._starting = False
+        self.proxy: EngineProxy | None = None
 
     @property
     def running(self) -> bool:
@@ -157,7 +171,8 @@ class ServerController(QObject):
 
         if self.active:
             return
-        app = create_app(EngineProxy(self.client), model_name, api_key or None)
+        self.proxy = EngineProxy(self.client)
+        app = create_app(self.proxy, model_name, api_key or None)
         config = uvicorn.Config(
             app, host=host, port=int(port), log_level="warning", timeout_graceful_shutdown=2,
             lifespan="off",

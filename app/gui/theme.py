@@ -70,12 +70,22 @@ def is_dark(app: QApplication, mode: str = "system") -> bool:
 def apply_theme(app: QApplication, mode: str = "system") -> None:
     app.setStyle("Fusion")
     app.setPalette(_dark_palette() if is_dark(app, mode) else _light_palette())
-    # widgets with a style sheet keep the palette they were polished with: re-polish them
-    for w in app.allWidgets():
-        sheet = w.styleSheet()
-        if sheet:
-            w.setStyleSheet("")
-            w.setStyleSheet(sheet)
+    # widgets with a style sheet keep the palette they were polished with: re-polish those of
+    # the open windows (closed windows waiting for deletion, e.g. with pyqtgraph views whose
+    # Python side is gone, must not be touched: re-styling them can crash)
+    import shiboken6
+    from PySide6.QtWidgets import QWidget
+
+    for top in app.topLevelWidgets():
+        if not shiboken6.isValid(top) or not top.isVisible():
+            continue
+        for w in [top, *top.findChildren(QWidget)]:
+            if not shiboken6.isValid(w):
+                continue
+            sheet = w.styleSheet()
+            if sheet:
+                w.setStyleSheet("")
+                w.setStyleSheet(sheet)
     font = app.font()
     if font.pointSizeF() < 10:
         font.setPointSizeF(10)
