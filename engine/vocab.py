@@ -10,12 +10,10 @@ This module builds pipelines; it knows nothing of BOS/EOS policy or chat templat
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
@@ -49,89 +47,19 @@ _PRE_SPLITS = {
 # ---------------------------------------------------------------------------------------------
 # GGUF metadata (header only: the tensors are not touched)
 
-_GGUF_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_GGUF_NUMPY = {
-    0: "<u1",
-    1: "<i1",
-    2: "<u2",
-    3: "<i2",
-    4: "<u4",
-    5: "<i4",
-    6: "<f4",
-    7: "?",
-    10: "<u8",
-    11: "<i8",
-    12: "<f8",
-}
-
-
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file as Python values (numeric arrays as numpy)."""
-    path = Path(path)
+    """The key/value metadata of a GGUF file as Python values (the tensors are not touched).
+
+    The header parser is the loader's (`engine.config.read_gguf_header`); its errors are
+    re-raised as tokenizer errors with the same one-line message.
+    """
+    from engine.config import read_gguf_header
+    from engine.errors import ModelLoadError
+
     try:
-        with open(path, "rb") as f:
-            return _parse_gguf_kv(f, path)
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (struct.error, UnicodeDecodeError, ValueError) as e:
-        raise TokenizerError(f"{path}: GGUF metadata is corrupt or truncated ({e})") from None
-
-
-def _parse_gguf_kv(f: Any, path: Path) -> dict[str, Any]:
-    def read(fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        data = f.read(size)
-        if len(data) != size:
-            raise ValueError("unexpected end of file")
-        return struct.unpack(fmt, data)[0]
-
-    def read_str() -> str:
-        n = read("<Q")
-        data = f.read(n)
-        if len(data) != n:
-            raise ValueError("unexpected end of file")
-        return data.decode("utf-8")
-
-    def read_value(vtype: int) -> Any:
-        if vtype in _GGUF_SCALARS:
-            return read(_GGUF_SCALARS[vtype])
-        if vtype == 8:
-            return read_str()
-        if vtype == 9:
-            etype, n = read("<I"), read("<Q")
-            if etype in _GGUF_NUMPY:
-                dtype = np.dtype(_GGUF_NUMPY[etype])
-                data = f.read(dtype.itemsize * n)
-                if len(data) != dtype.itemsize * n:
-                    raise ValueError("unexpected end of file")
-                return np.frombuffer(data, dtype=dtype)
-            return [read_value(etype) for _ in range(n)]
-        raise ValueError(f"unknown metadata value type {vtype}")
-
-    if f.read(4) != b"GGUF":
-        raise TokenizerError(f"{path}: not a GGUF file (bad magic)")
-    version = read("<I")
-    if version < 2:
-        raise TokenizerError(f"{path}: GGUF version {version} is not supported")
-    read("<Q")  # tensor count
-    n_kv = read("<Q")
-    meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = read_str()
-        meta[key] = read_value(read("<I"))
-    return meta
+        return read_gguf_header(Path(path)).metadata
+    except ModelLoadError as e:
+        raise TokenizerError(str(e)) from None
 
 
 def py_value(value: Any) -> Any:
