@@ -307,7 +307,8 @@ def test_about_box_shows_the_pyproject_version(qtbot, tmp_path, latent_home, mon
 
     win = MainWindow(store=Store(tmp_path / "c.sqlite"), autoload=False)
     qtbot.addWidget(win)
-    menus = {a.text().replace("&", ""): a.menu() for a in win.menuBar().actions()}
+    bar_actions = win.menuBar().actions()  # kept alive: PySide6 6.10 ties menu() wrappers to them
+    menus = {a.text().replace("&", ""): a.menu() for a in bar_actions}
     assert [a.text() for a in menus["Help"].actions()] == ["About Latent Studio"]
     shown = []
     monkeypatch.setattr(
