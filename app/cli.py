@@ -11,8 +11,19 @@ import importlib
 import sys
 
 COMMANDS = (
-    "generate", "chat", "search", "download", "models", "rm", "finetune", "pretrain",
-    "quantize", "inspect", "serve", "bench", "hosts",
+    "generate",
+    "chat",
+    "search",
+    "download",
+    "models",
+    "rm",
+    "finetune",
+    "pretrain",
+    "quantize",
+    "inspect",
+    "serve",
+    "bench",
+    "hosts",
 )
 
 
@@ -21,11 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="latent", description="Latent Studio: local LLMs.")
     parser.add_argument("--version", action="version", version=f"latent-studio {__version__}")
-    parser.add_argument("--smoke-test", action="store_true", help="open the app offscreen, answer one prompt, exit")
+    parser.add_argument(
+        "--smoke-test", action="store_true", help="open the app offscreen, answer one prompt, exit"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     seen = set()
     for name in COMMANDS:
-        module_name = {"download": "hub", "search": "hub", "models": "hub", "rm": "hub"}.get(name, name)
+        module_name = {"download": "hub", "search": "hub", "models": "hub", "rm": "hub"}.get(
+            name, name
+        )
         if module_name in seen:
             continue
         try:

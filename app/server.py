@@ -123,12 +123,27 @@ class CompletionRequest(_Common):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
 
 
-def _error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+def _error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -165,7 +180,9 @@ class EngineQueue:
         # (test clients do): a request after that must find a worker, not wait forever.
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, name="latent-server-engine", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._work, name="latent-server-engine", daemon=True
+                )
                 self._thread.start()
 
     def submit(self, job: _Job) -> None:
@@ -177,7 +194,6 @@ class EngineQueue:
         with self._lock:
             if self._current is job:
                 self.engine.cancel()
-
 
     def _emit(self, job: _Job, item: Any) -> None:
         try:
@@ -236,7 +252,11 @@ def _finish_reason(reason: str | None) -> str:
 def _usage(stats) -> dict:
     prompt = int(getattr(stats, "prompt_tokens", 0) or 0)
     completion = int(getattr(stats, "generated_tokens", 0) or 0)
-    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
     cached = getattr(stats, "cached_tokens", None)
     if cached:
         usage["prompt_tokens_details"] = {"cached_tokens": int(cached)}
@@ -252,15 +272,23 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
-        return JSONResponse(_error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+        return JSONResponse(
+            _error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request body")
-        return JSONResponse(_error_body(message, "invalid_request_error", loc or None), status_code=400)
+        message = (
+            f"{loc}: {first.get('msg', 'invalid request')}"
+            if loc
+            else first.get("msg", "invalid request body")
+        )
+        return JSONResponse(
+            _error_body(message, "invalid_request_error", loc or None), status_code=400
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
@@ -273,7 +301,9 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
             header = request.headers.get("authorization", "")
             if header != f"Bearer {api_key}":
                 return JSONResponse(
-                    _error_body("invalid or missing API key", "authentication_error", code="invalid_api_key"),
+                    _error_body(
+                        "invalid or missing API key", "authentication_error", code="invalid_api_key"
+                    ),
                     status_code=401,
                 )
         return await call_next(request)
@@ -282,10 +312,17 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
         # Completion requests may name any model (tools send their own default name) and the
         # loaded model answers; only the model lookup endpoint checks the name.
         if requested and requested not in (model_name, "default"):
-            raise APIError(404, f"model {requested!r} is not served here; use {model_name!r}",
-                           "not_found_error", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model {requested!r} is not served here; use {model_name!r}",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
 
-    async def _run(request: Request, kind: str, payload, params: SamplingParams) -> AsyncIterator[Any]:
+    async def _run(
+        request: Request, kind: str, payload, params: SamplingParams
+    ) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         job = _Job(kind, payload, params, loop, asyncio.Queue())
         runner.submit(job)
@@ -307,7 +344,9 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
 
     def _map_engine_error(e: Exception) -> APIError:
         if isinstance(e, ContextLengthError):
-            return APIError(400, str(e), "invalid_request_error", "messages", "context_length_exceeded")
+            return APIError(
+                400, str(e), "invalid_request_error", "messages", "context_length_exceeded"
+            )
         if isinstance(e, LatentError):
             return APIError(400, str(e), "invalid_request_error")
         return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
@@ -325,7 +364,11 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
         def choice(text: str, finish: str | None, delta: bool) -> dict:
             if kind == "chat":
                 key = "delta" if delta else "message"
-                body = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
+                body = (
+                    {"role": "assistant", "content": text}
+                    if not delta
+                    else ({"content": text} if text else {})
+                )
                 return {"index": 0, key: body, "finish_reason": finish, "logprobs": None}
             return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
@@ -355,11 +398,17 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
             if kind == "complete" and getattr(req, "echo", False):
                 text = payload + text
             finish = _finish_reason(getattr(stats, "finish_reason", None))
-            return JSONResponse({
-                "id": rid, "object": obj, "created": now, "model": model_name,
-                "choices": [choice(text, finish, delta=False)], "usage": _usage(stats),
-                "system_fingerprint": "latent-studio",
-            })
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": now,
+                    "model": model_name,
+                    "choices": [choice(text, finish, delta=False)],
+                    "usage": _usage(stats),
+                    "system_fingerprint": "latent-studio",
+                }
+            )
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -367,8 +416,19 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
         async def body() -> AsyncIterator[bytes]:
             base = {"id": rid, "object": chunk_obj, "created": now, "model": model_name}
             if kind == "chat":
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                 "finish_reason": None, "logprobs": None}]})
+                yield _sse(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None,
+                                "logprobs": None,
+                            }
+                        ],
+                    }
+                )
             ev, stats = first, None
             try:
                 while ev is not None:
@@ -392,27 +452,49 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
                 yield _sse({**base, "choices": [], "usage": _usage(stats)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": created, "owned_by": "latent-studio"}
-        ]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "latent-studio",
+                }
+            ],
+        }
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         _check_model(model_id)  # strict here: a lookup of another name is a 404
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "latent-studio"}
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "latent-studio",
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, f"response_format {req.response_format.type!r} is not supported; use 'text'",
-                           "invalid_request_error", "response_format")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+            raise APIError(
+                400,
+                f"response_format {req.response_format.type!r} is not supported; use 'text'",
+                "invalid_request_error",
+                "response_format",
+            )
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in req.messages
+        ]
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = _params(req, engine.generation_defaults(), max_tokens)
         return await _respond(request, req, "chat", messages, params)
@@ -429,14 +511,22 @@ def is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
-def serve(engine, model_name: str, host: str = "127.0.0.1", port: int = 8080,
-          api_key: str | None = None, log=print) -> None:
+def serve(
+    engine,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    api_key: str | None = None,
+    log=print,
+) -> None:
     """Run the API until interrupted (blocking)."""
     import uvicorn
 
     if not is_loopback(host):
-        log(f"warning: binding to {host} exposes the model to your network"
-            + ("" if api_key else "; consider --api-key"))
+        log(
+            f"warning: binding to {host} exposes the model to your network"
+            + ("" if api_key else "; consider --api-key")
+        )
     app = create_app(engine, model_name, api_key)
     log(f"serving {model_name} at http://{host}:{port}/v1")
     uvicorn.run(app, host=host, port=port, log_level="warning")

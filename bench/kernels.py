@@ -28,7 +28,6 @@ if __name__ == "__main__":
     maybe_reexec_with_openblas()  # same BLAS the app uses (no-op where absent)
 
 import mlx.core as mx  # noqa: E402
-
 from latent_kernels._common import backend  # noqa: E402
 
 
@@ -77,11 +76,12 @@ def bytes_per_param() -> list[dict]:
 
 def dequant_throughput(n: int = 4096, k: int = 4096) -> list[dict]:
     """GB/s = (bytes read + bytes written) / median time, for each path that runs here."""
-    from engine.quant.affine import quantize_affine
-    from engine.quant.fp8 import dequant_fp8_cpu, quantize_fp8_blocks
     from latent_kernels.affine_dequant import affine_dequant_kernel, affine_dequant_ref
     from latent_kernels.fp8_dequant import fp8_dequant_kernel, fp8_dequant_ref
     from latent_kernels.fp8_matvec import fp8_matvec_kernel, fp8_matvec_ref
+
+    from engine.quant.affine import quantize_affine
+    from engine.quant.fp8 import dequant_fp8_cpu, quantize_fp8_blocks
 
     which = backend()
     w = mx.random.normal((n, k))

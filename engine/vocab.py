@@ -47,6 +47,7 @@ _PRE_SPLITS = {
 # ---------------------------------------------------------------------------------------------
 # GGUF metadata (header only: the tensors are not touched)
 
+
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """The key/value metadata of a GGUF file as Python values (the tensors are not touched).
 

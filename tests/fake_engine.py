@@ -217,8 +217,14 @@ class TeachingEngine(FakeEngine):
 
         mx.random.seed(0)
         args = ModelArgs(
-            vocab_size=128, hidden_size=32, num_layers=self.n_layers, num_heads=4,
-            intermediate_size=64, ffn=self.ffn, num_experts=6, top_k=2,
+            vocab_size=128,
+            hidden_size=32,
+            num_layers=self.n_layers,
+            num_heads=4,
+            intermediate_size=64,
+            ffn=self.ffn,
+            num_experts=6,
+            top_k=2,
         )
         model = Model(args)
         from mlx.utils import tree_flatten

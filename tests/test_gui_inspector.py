@@ -83,8 +83,22 @@ def test_routing_grid_and_token_axes(qtbot, tmp_path):
     panel = win.views["inspector"].look_panel
     # attention axes: one tick per prompt character, at the pixel centre
     ticks = panel.plot.getAxis("bottom")._tickLevels[0]
-    assert [t for _, t in ticks] == ["h", "e", "l", "l", "o", ",", "␣", "m", "i", "x", "t",
-                                     "u", "r", "e"]
+    assert [t for _, t in ticks] == [
+        "h",
+        "e",
+        "l",
+        "l",
+        "o",
+        ",",
+        "␣",
+        "m",
+        "i",
+        "x",
+        "t",
+        "u",
+        "r",
+        "e",
+    ]
     assert [p for p, _ in ticks] == [i + 0.5 for i in range(len(PROMPT))]
     # routing grid: tokens × the 3 MoE layers, each cell the router's top-2 from `look`
     grid = panel.routing
@@ -99,7 +113,9 @@ def test_routing_grid_and_token_axes(qtbot, tmp_path):
             assert 0 <= ids[row][0] < 6 and ids[row][0] != ids[row][1]
             assert weights[row].sum() == pytest.approx(1.0, abs=1e-5)  # renormalised top-k
     colours = {m.index(r, c).data(8).color().name() for r in range(len(PROMPT)) for c in range(3)}
-    firsts = {int(result["router"][k][0][r][0]) for k in result["router"] for r in range(len(PROMPT))}
+    firsts = {
+        int(result["router"][k][0][r][0]) for k in result["router"] for r in range(len(PROMPT))
+    }
     assert len(colours) == len(firsts)  # one colour per expert id
     win.shutdown()
 

@@ -194,9 +194,10 @@ def test_switch_off_mid_stream_frees_engine(qtbot, tmp_path):
     def client() -> None:
         body = {"messages": [{"role": "user", "content": "count"}], "stream": True}
         try:
-            with httpx.Client(timeout=30) as http, http.stream(
-                "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body
-            ) as s:
+            with (
+                httpx.Client(timeout=30) as http,
+                http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as s,
+            ):
                 for line in s.iter_lines():
                     seen.append(line)
         except httpx.HTTPError:

@@ -12,15 +12,18 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from engine.quant.affine import quantize_affine
 from latent_kernels.affine_dequant import (
     AFFINE_DEQUANT,
     affine_dequant_kernel,
     affine_dequant_launch,
     affine_dequant_ref,
 )
-from latent_kernels.fp8_dequant import FP8_DEQUANT, fp8_dequant_kernel, fp8_dequant_launch, fp8_dequant_ref
+from latent_kernels.fp8_dequant import (
+    FP8_DEQUANT,
+    fp8_dequant_kernel,
+    fp8_dequant_launch,
+    fp8_dequant_ref,
+)
 from latent_kernels.fp8_matvec import (
     FP8_MATVEC,
     fp8_matvec_kernel,
@@ -35,6 +38,8 @@ from latent_kernels.shim.harness import (
     run_cuda_body,
     run_metal_body,
 )
+
+from engine.quant.affine import quantize_affine
 
 RUN = {"metal": run_metal_body, "cuda": run_cuda_body}
 

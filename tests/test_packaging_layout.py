@@ -6,8 +6,9 @@ sub-package missing from it would work from the source tree and vanish from inst
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

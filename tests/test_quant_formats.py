@@ -11,14 +11,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from latent_kernels.affine_dequant import affine_dequant_ref, dequant_affine
+from latent_kernels.fp8_dequant import e4m3_decode_ref, fp8_dequant_ref
 
 from engine.errors import QuantError
 from engine.quant import Fp8Linear, prepare_model, quantize_fp8_blocks, save_safetensors
 from engine.quant.affine import quantize_affine
 from engine.quant.fp8 import E4M3_TABLE, dequant_fp8_cpu
 from engine.quant.safetensors_fp8 import fp8_header_check, safetensors_dtypes
-from latent_kernels.affine_dequant import affine_dequant_ref, dequant_affine
-from latent_kernels.fp8_dequant import e4m3_decode_ref, fp8_dequant_ref
 
 
 def e4m3_table_f64() -> np.ndarray:

@@ -34,8 +34,21 @@ def _start(model_path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = dict(os.environ)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--model", str(model_path), "--port", str(port), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "serve",
+            "--model",
+            str(model_path),
+            "--port",
+            str(port),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -84,8 +97,9 @@ def test_models_lists_the_loaded_model(client):
 
 def test_chat_usage_equals_our_token_counts(client, tokenizer):
     r = client.chat.completions.create(model="any", messages=QUESTION, max_tokens=12, temperature=0)
-    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True),
-                                  add_special_tokens=True)
+    prompt_ids = tokenizer.encode(
+        tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True), add_special_tokens=True
+    )
     assert r.usage.prompt_tokens == len(prompt_ids)
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 12
@@ -94,9 +108,17 @@ def test_chat_usage_equals_our_token_counts(client, tokenizer):
 
 
 def test_stream_equals_non_stream_and_reports_usage(client):
-    full = client.chat.completions.create(model="any", messages=QUESTION, max_tokens=20, temperature=0)
-    stream = client.chat.completions.create(model="any", messages=QUESTION, max_tokens=20, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    full = client.chat.completions.create(
+        model="any", messages=QUESTION, max_tokens=20, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model="any",
+        messages=QUESTION,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     parts, usage, finish = [], None, None
     for chunk in stream:
         if chunk.usage:
@@ -119,7 +141,9 @@ def test_completion_and_stop_string(client):
     words = text.split()
     assert len(words) >= 2, text
     stop = words[1]
-    cut = client.completions.create(model="any", prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
+    cut = client.completions.create(
+        model="any", prompt=prompt, max_tokens=16, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].text == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
     assert stop not in cut.choices[0].text
@@ -128,10 +152,16 @@ def test_completion_and_stop_string(client):
 def test_bad_requests_are_openai_shaped_4xx(server):
     r = httpx.post(server + "/v1/chat/completions", json={"messages": []})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    r = httpx.post(server + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
-                                                          "temperature": 7})
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "x"}], "temperature": 7},
+    )
     assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
-    r = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400
     r = httpx.get(server + "/v1/models/no-such-model")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
@@ -139,8 +169,11 @@ def test_bad_requests_are_openai_shaped_4xx(server):
 
 def test_prompt_longer_than_context_is_a_400(server):
     long = "word " * 9000
-    r = httpx.post(server + "/v1/chat/completions", json={"messages": [{"role": "user", "content": long}],
-                                                          "max_tokens": 4}, timeout=120)
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": long}], "max_tokens": 4},
+        timeout=120,
+    )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
@@ -149,7 +182,9 @@ def test_sixteen_concurrent_clients_get_their_single_client_replies(client):
     prompts = [[{"role": "user", "content": f"Count from {i} to {i + 3}."}] for i in range(16)]
 
     def ask(messages):
-        r = client.chat.completions.create(model="any", messages=messages, max_tokens=8, temperature=0)
+        r = client.chat.completions.create(
+            model="any", messages=messages, max_tokens=8, temperature=0
+        )
         return r.choices[0].message.content
 
     single = [ask(p) for p in prompts]
@@ -159,10 +194,17 @@ def test_sixteen_concurrent_clients_get_their_single_client_replies(client):
 
 
 def test_disconnect_mid_stream_frees_the_engine(server, client):
-    with httpx.stream("POST", server + "/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
-        "max_tokens": 3000, "temperature": 0.8, "stream": True,
-    }) as r:
+    with httpx.stream(
+        "POST",
+        server + "/v1/chat/completions",
+        timeout=60,
+        json={
+            "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+            "max_tokens": 3000,
+            "temperature": 0.8,
+            "stream": True,
+        },
+    ) as r:
         seen = 0
         for line in r.iter_lines():
             if line.startswith("data: "):

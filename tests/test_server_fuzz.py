@@ -35,8 +35,12 @@ def _shorten(body):
     if isinstance(body, dict):
         for key in ("max_tokens", "max_completion_tokens"):
             value = body.get(key)
-            if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 2):
-                body[key] = 2  # malformed values (strings, negatives) are left for the server to refuse
+            if value is None or (
+                isinstance(value, int) and not isinstance(value, bool) and value > 2
+            ):
+                body[key] = (
+                    2  # malformed values (strings, negatives) are left for the server to refuse
+                )
         # Long prompts only make prefill slow on 2 cores; cap the text, not the structure.
         if isinstance(body.get("messages"), list):
             body["messages"] = body["messages"][:3]
@@ -52,10 +56,15 @@ def _shorten(body):
 
 @pytest.mark.parametrize(
     "path,method,mode",
-    [("/v1/chat/completions", "POST", "positive"), ("/v1/chat/completions", "POST", "negative"),
-     ("/v1/completions", "POST", "positive"), ("/v1/completions", "POST", "negative"),
-     # The GET operations take no body or typed parameter a negative case could break.
-     ("/v1/models", "GET", "positive"), ("/v1/models/{model_id}", "GET", "positive")],
+    [
+        ("/v1/chat/completions", "POST", "positive"),
+        ("/v1/chat/completions", "POST", "negative"),
+        ("/v1/completions", "POST", "positive"),
+        ("/v1/completions", "POST", "negative"),
+        # The GET operations take no body or typed parameter a negative case could break.
+        ("/v1/models", "GET", "positive"),
+        ("/v1/models/{model_id}", "GET", "positive"),
+    ],
 )
 def test_no_server_errors(api_schema, path, method, mode):
     from schemathesis import GenerationMode
@@ -65,8 +74,14 @@ def test_no_server_errors(api_schema, path, method, mode):
     seen = []
 
     @given(case=strategy)
-    @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate])
+    @settings(
+        max_examples=8,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+    )
     def check(case):
         if case.body is not None and not isinstance(case.body, (bytes, str)):
             case.body = _shorten(case.body)

@@ -9,13 +9,24 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model through an OpenAI-compatible HTTP API")
-    p.add_argument("--model", help="model folder, .gguf file or Hub repo id (default: the default model)")
+    p.add_argument(
+        "--model", help="model folder, .gguf file or Hub repo id (default: the default model)"
+    )
     p.add_argument("--adapter", help="LoRA adapter folder to apply")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--api-key", default=os.environ.get("LATENT_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $LATENT_API_KEY)")
-    p.add_argument("--hosts", metavar="FILE", help="split the model's layers over these hosts (see `latent hosts`)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LATENT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $LATENT_API_KEY)",
+    )
+    p.add_argument(
+        "--hosts",
+        metavar="FILE",
+        help="split the model's layers over these hosts (see `latent hosts`)",
+    )
     p.set_defaults(func=run)
 
 

@@ -346,8 +346,10 @@ class MainWindow(QMainWindow):
     def serve_settings(self) -> tuple[str, int, str]:
         """(host, port, api key) from the settings table."""
         host = str(self.store.setting("serve_host", "127.0.0.1") or "127.0.0.1")
-        return host, int(self.store.setting("serve_port", 8080)), str(
-            self.store.setting("serve_api_key", "") or ""
+        return (
+            host,
+            int(self.store.setting("serve_port", 8080)),
+            str(self.store.setting("serve_api_key", "") or ""),
         )
 
     def set_serving(self, on: bool) -> None:
@@ -429,8 +431,10 @@ class MainWindow(QMainWindow):
         bits = [str(info.get("name") or Path(path).name)]
         if params:
             bits.append(
-                f"{params / 1e9:.1f}B params" if params >= 1e9
-                else f"{params / 1e6:,.0f}M params" if params >= 1e6
+                f"{params / 1e9:.1f}B params"
+                if params >= 1e9
+                else f"{params / 1e6:,.0f}M params"
+                if params >= 1e6
                 else f"{params / 1e3:,.0f}K params"
             )
         if info.get("quantization"):

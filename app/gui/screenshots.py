@@ -250,7 +250,8 @@ def main(out_dir: str = "docs/screenshots") -> int:
     from fake_engine import TeachingEngine
 
     win3 = MainWindow(
-        store=Store(home / "moe.sqlite"), autoload=False,
+        store=Store(home / "moe.sqlite"),
+        autoload=False,
         engine_factory=lambda: TeachingEngine(n_layers=6, ffn="moe"),
     )
     win3.resize(1280, 800)

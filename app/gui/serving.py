@@ -163,8 +163,9 @@ class ServerController(QObject):
         """Running, starting or stopping: the thread is alive."""
         return self.thread is not None and self.thread.is_alive()
 
-    def start(self, model_name: str, host: str = "127.0.0.1", port: int = 8080,
-              api_key: str | None = None) -> None:
+    def start(
+        self, model_name: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None
+    ) -> None:
         import uvicorn
 
         from app.server import create_app
@@ -174,7 +175,11 @@ class ServerController(QObject):
         self.proxy = EngineProxy(self.client)
         app = create_app(self.proxy, model_name, api_key or None)
         config = uvicorn.Config(
-            app, host=host, port=int(port), log_level="warning", timeout_graceful_shutdown=2,
+            app,
+            host=host,
+            port=int(port),
+            log_level="warning",
+            timeout_graceful_shutdown=2,
             lifespan="off",
         )
         self.server = uvicorn.Server(config)
@@ -225,4 +230,3 @@ class ServerController(QObject):
             if error:
                 self.failed.emit(error)
             self.state_changed.emit(False, "")
-

@@ -104,7 +104,9 @@ class EngineWorker(QObject):
     counted = Signal(int, int)  # tag (e.g. a conversation id), tokens
     inspected = Signal(object)  # {"rows": [(name, shape, format, bytes, part)], "summary": {}}
     looked = Signal(object)  # {"tokens", "top_next", "attention", "router", ...} or {"error"}
-    checked = Signal(object)  # {"rows": [(name, max_abs, scale)], "max_abs", "dtype", ...} or {"error"}
+    checked = Signal(
+        object
+    )  # {"rows": [(name, max_abs, scale)], "max_abs", "dtype", ...} or {"error"}
 
     def __init__(self, factory: Callable[[], Any]) -> None:
         super().__init__()

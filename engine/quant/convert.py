@@ -17,12 +17,12 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from latent_kernels.affine_dequant import dequant_affine
 
 from engine.errors import QuantError
 from engine.quant.affine import quantize_affine
 from engine.quant.fp8 import DEFAULT_BLOCK, Fp8Linear, Fp8SwitchLinear, quantize_fp8_blocks
 from engine.quant.safetensors_fp8 import save_safetensors
-from latent_kernels.affine_dequant import dequant_affine
 
 FORMATS = {"fp8": None, "q8": 8, "q4": 4}
 TOKENIZER_FILES = (

@@ -17,11 +17,11 @@ import os
 
 import mlx.core as mx
 import mlx.nn as nn
-
-from engine.device import compute_dtype
 from latent_kernels._common import pick
 from latent_kernels.fp8_dequant import dequant_fp8, e4m3_decode_ref
 from latent_kernels.fp8_matvec import matvec_fp8
+
+from engine.device import compute_dtype
 
 E4M3_MAX = 448.0
 DEFAULT_BLOCK = (128, 128)

@@ -89,7 +89,9 @@ class TrainConfig:
 
 @dataclass
 class TrainEvent:
-    kind: str  # "data" | "start" | "step" | "eval" | "checkpoint" | "done" | "cancelled" | "stopped"
+    kind: (
+        str  # "data" | "start" | "step" | "eval" | "checkpoint" | "done" | "cancelled" | "stopped"
+    )
     step: int = 0
     total_steps: int = 0
     epoch: float = 0.0
@@ -144,8 +146,13 @@ def loss_terms(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.a
     return (ce * m).sum(), m.sum()
 
 
-def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
-             max_batches: int | None = None) -> float:
+def evaluate(
+    model: nn.Module,
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    max_batches: int | None = None,
+) -> float:
     """Mean next-token cross-entropy over the masked tokens of `examples` (dropout off)."""
     was_training = model.training
     model.eval()
@@ -154,7 +161,7 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
         for i, start in enumerate(range(0, len(examples), batch_size)):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y, m = collate(examples[start:start + batch_size], pad_id)
+            x, y, m = collate(examples[start : start + batch_size], pad_id)
             s, n = loss_terms(model, mx.array(x), mx.array(y), mx.array(m))
             mx.eval(s, n)
             total += s.item()
@@ -236,7 +243,9 @@ class Run:
         path = self.root / json.loads(f.read_text())["path"]
         return path if path.is_dir() else None
 
-    def save(self, model: nn.Module, opt: optim.Optimizer, state: RunState, adapter_cfg: dict) -> Path:
+    def save(
+        self, model: nn.Module, opt: optim.Optimizer, state: RunState, adapter_cfg: dict
+    ) -> Path:
         self.ckpts.mkdir(parents=True, exist_ok=True)
         final = self.ckpts / f"step-{state.step:06d}"
         tmp = self.ckpts / f".step-{state.step:06d}.tmp"
@@ -250,8 +259,10 @@ class Run:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _replace_dir(tmp, final)
-        _atomic_json(self.root / "latest.json", {"path": str(final.relative_to(self.root)),
-                                                  "step": state.step})
+        _atomic_json(
+            self.root / "latest.json",
+            {"path": str(final.relative_to(self.root)), "step": state.step},
+        )
         for old in sorted(self.ckpts.glob("step-*"))[: -self.KEEP]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -310,8 +321,9 @@ def _run_name(config: TrainConfig) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
 
 
-def train(config: TrainConfig, cancel: threading.Event | None = None,
-          group: Any = None) -> Iterator[TrainEvent]:
+def train(
+    config: TrainConfig, cancel: threading.Event | None = None, group: Any = None
+) -> Iterator[TrainEvent]:
     """Run (or resume) a fine-tune, yielding progress events; raises TrainingError on bad input.
 
     `group` (an `mx.distributed` group of >1 ranks, see engine/distributed.py): data-parallel,
@@ -327,7 +339,9 @@ def train(config: TrainConfig, cancel: threading.Event | None = None,
             root, saved = dp.share([str(run.root), saved] if dp.lead else None)
             run = Run(Path(root))
         loaded_model = config.model if not isinstance(config.model, (str, os.PathLike)) else None
-        config = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}})
+        config = TrainConfig(
+            **{k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}}
+        )
         if loaded_model is not None:
             config.model = loaded_model
         config.resume = str(run.root)
@@ -348,24 +362,43 @@ def train(config: TrainConfig, cancel: threading.Event | None = None,
     ctx = getattr(getattr(loaded, "info", None), "context_length", None)
     if config.max_seq_len is None:  # not chosen: 512, or the model's context if shorter
         config.max_seq_len = min(512, ctx or 512)
-    ds, report = build_dataset(config.data, tok, config.max_seq_len, config.overlap,
-                               config.val_fraction, config.seed, context_length=ctx)
+    ds, report = build_dataset(
+        config.data,
+        tok,
+        config.max_seq_len,
+        config.overlap,
+        config.val_fraction,
+        config.seed,
+        context_length=ctx,
+    )
     if dp is not None:  # every rank must train on the same chunks
-        dp.check_same("the training data", [len(ds.train), len(ds.val),
-                                            sum(int(np.sum(e.tokens)) for e in ds.train)])
+        dp.check_same(
+            "the training data",
+            [len(ds.train), len(ds.val), sum(int(np.sum(e.tokens)) for e in ds.train)],
+        )
     yield TrainEvent("data", message=report.summary(), report=report)
 
     mx.random.seed(config.seed)  # adapter initialisation
     n_layers = len(model.layers) if config.num_layers is None else config.num_layers
     if config.fine_tune_type == "lora":
-        keys = L.apply_lora(model, config.targets, config.rank, config.alpha, config.dropout, n_layers)
+        keys = L.apply_lora(
+            model, config.targets, config.rank, config.alpha, config.dropout, n_layers
+        )
     elif config.fine_tune_type == "full":
         keys = L.prepare_full(model, n_layers)
     else:
         raise TrainingError(f"fine_tune_type {config.fine_tune_type!r}: use 'lora' or 'full'")
     adapter_cfg = L.adapter_config(
-        model, keys, n_layers, config.rank, config.alpha, config.dropout, config.fine_tune_type,
-        base_model=str(config.to_json()["model"]), max_seq_len=config.max_seq_len)
+        model,
+        keys,
+        n_layers,
+        config.rank,
+        config.alpha,
+        config.dropout,
+        config.fine_tune_type,
+        base_model=str(config.to_json()["model"]),
+        max_seq_len=config.max_seq_len,
+    )
     set_grad_checkpoint(model, config.grad_checkpoint)
     L.set_dequantize_for_matmul(config.dequantize_base)
     dequantized_compute(model, True)
@@ -379,8 +412,15 @@ def train(config: TrainConfig, cancel: threading.Event | None = None,
         model.eval()
 
 
-def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
-          cancel: threading.Event | None, dp: Any = None) -> Iterator[TrainEvent]:
+def _loop(
+    config: TrainConfig,
+    run: Run,
+    loaded,
+    ds: Dataset,
+    adapter_cfg: dict,
+    cancel: threading.Event | None,
+    dp: Any = None,
+) -> Iterator[TrainEvent]:
     model, tok = loaded.model, loaded.tokenizer
 
     per_step = config.batch_size * config.grad_accum
@@ -388,7 +428,9 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
     total = config.max_steps or max(1, math.ceil(config.epochs * n_train / per_step))
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total // 20)
     schedule = warmup_cosine(config.lr, warmup, total, config.min_lr_ratio)
-    opt = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay, bias_correction=True)
+    opt = optim.AdamW(
+        learning_rate=schedule, weight_decay=config.weight_decay, bias_correction=True
+    )
     opt.init(model.trainable_parameters())
     pad = tok.pad_id if tok.pad_id is not None else 0
     eval_set = ds.val or ds.train
@@ -406,16 +448,28 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
             opt.state = dp.sync(opt.state, "optimizer state")
             raw = dp.share(asdict(state))
             state = RunState(**{**raw, "val_history": [tuple(v) for v in raw["val_history"]]})
-        yield TrainEvent("start", state.step, total, checkpoint=str(run.root),
-                         message=f"resumed {run.root} at step {state.step}")
+        yield TrainEvent(
+            "start",
+            state.step,
+            total,
+            checkpoint=str(run.root),
+            message=f"resumed {run.root} at step {state.step}",
+        )
     else:
         if dp is None or dp.lead:
             run.root.mkdir(parents=True, exist_ok=True)
             _atomic_json(run.root / "config.json", config.to_json())
-        yield TrainEvent("start", 0, total, checkpoint=str(run.root), message=f"run {run.root}: {total} steps, "
-                         f"{len(L.adapter_weights(model, config.fine_tune_type))} trainable tensors")
-        ev = _eval_event(model, eval_set, config, pad, state, 0, total, eval_name, run, adapter_cfg,
-                         initial=True)
+        yield TrainEvent(
+            "start",
+            0,
+            total,
+            checkpoint=str(run.root),
+            message=f"run {run.root}: {total} steps, "
+            f"{len(L.adapter_weights(model, config.fine_tune_type))} trainable tensors",
+        )
+        ev = _eval_event(
+            model, eval_set, config, pad, state, 0, total, eval_name, run, adapter_cfg, initial=True
+        )
         run.log(ev)
         yield ev
 
@@ -426,14 +480,22 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
         stop_now = cancel is not None and cancel.is_set()
         if dp.any(stop_now) if dp is not None else stop_now:
             last_ckpt = run.save(model, opt, state, adapter_cfg)
-            yield TrainEvent("cancelled", state.step, total, checkpoint=str(last_ckpt),
-                             message=f"cancelled at step {state.step}; resume with --resume {run.root}")
+            yield TrainEvent(
+                "cancelled",
+                state.step,
+                total,
+                checkpoint=str(last_ckpt),
+                message=f"cancelled at step {state.step}; resume with --resume {run.root}",
+            )
             return
         t0 = time.perf_counter()
         idx = step_indices(state.step, n_train, per_step, config.seed)
         grads, loss_sum, count, n_tokens = None, 0.0, 0.0, 0
         for micro in range(config.grad_accum):
-            batch = [ds.train[i] for i in idx[micro * config.batch_size:(micro + 1) * config.batch_size]]
+            batch = [
+                ds.train[i]
+                for i in idx[micro * config.batch_size : (micro + 1) * config.batch_size]
+            ]
             if dp is not None:
                 batch = dp.shard(batch)
                 if not batch:
@@ -448,12 +510,19 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
             count += n.item()
         if dp is not None:  # sum gradients, loss and counts over ranks (the whole batch)
             grads, loss_sum, count, n_tokens = dp.reduce(
-                grads, model.trainable_parameters(), loss_sum, count, n_tokens)
+                grads, model.trainable_parameters(), loss_sum, count, n_tokens
+            )
         loss = loss_sum / max(count, 1.0)
         if not math.isfinite(loss):
-            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            raise TrainingError(f"loss is {loss} at step {state.step + 1}; training stopped before "
-                                f"the update ({where}); try a lower learning rate")
+            where = (
+                f"last good checkpoint: {last_ckpt}"
+                if last_ckpt
+                else "no checkpoint was written yet"
+            )
+            raise TrainingError(
+                f"loss is {loss} at step {state.step + 1}; training stopped before "
+                f"the update ({where}); try a lower learning rate"
+            )
         inv = 1.0 / max(count, 1.0)
         grads = tree_map(lambda g: g * inv, grads)  # noqa: B023 (used at once)
         if config.max_grad_norm:
@@ -466,37 +535,74 @@ def _loop(config: TrainConfig, run: Run, loaded, ds: Dataset, adapter_cfg: dict,
         dt = time.perf_counter() - t0
         times.append(dt)
         avg = sum(times[-20:]) / len(times[-20:])
-        ev = TrainEvent("step", state.step, total, state.step * per_step / n_train, loss=loss,
-                        lr=lr, tokens_per_s=n_tokens / dt,
-                        eta_s=avg * (total - state.step), peak_memory=_peak_memory())
+        ev = TrainEvent(
+            "step",
+            state.step,
+            total,
+            state.step * per_step / n_train,
+            loss=loss,
+            lr=lr,
+            tokens_per_s=n_tokens / dt,
+            eta_s=avg * (total - state.step),
+            peak_memory=_peak_memory(),
+        )
         run.log(ev)
         yield ev
 
         stop = False
         if (config.eval_every and state.step % config.eval_every == 0) or state.step == total:
-            ev = _eval_event(model, eval_set, config, pad, state, state.step, total, eval_name, run,
-                             adapter_cfg)
+            ev = _eval_event(
+                model, eval_set, config, pad, state, state.step, total, eval_name, run, adapter_cfg
+            )
             run.log(ev)
             yield ev
             if config.early_stopping and state.evals_since_best >= config.early_stopping:
                 stop = True
-        if (config.save_every and state.step % config.save_every == 0) or state.step == total or stop:
+        if (
+            (config.save_every and state.step % config.save_every == 0)
+            or state.step == total
+            or stop
+        ):
             last_ckpt = run.save(model, opt, state, adapter_cfg)
             yield TrainEvent("checkpoint", state.step, total, checkpoint=str(last_ckpt))
         if stop:
-            yield TrainEvent("stopped", state.step, total, message=(
-                f"early stopping: {eval_name} loss has not improved for {state.evals_since_best} evaluations"))
+            yield TrainEvent(
+                "stopped",
+                state.step,
+                total,
+                message=(
+                    f"early stopping: {eval_name} loss has not improved for {state.evals_since_best} evaluations"
+                ),
+            )
             break
 
     out = _finish(run, config, model, adapter_cfg, write=dp is None or dp.lead)
     best = state.best_val
-    yield TrainEvent("done", state.step, total, val_loss=best,
-                     val_ppl=math.exp(best) if best is not None else None, checkpoint=str(out),
-                     message=f"adapter saved to {out}", peak_memory=_peak_memory())
+    yield TrainEvent(
+        "done",
+        state.step,
+        total,
+        val_loss=best,
+        val_ppl=math.exp(best) if best is not None else None,
+        checkpoint=str(out),
+        message=f"adapter saved to {out}",
+        peak_memory=_peak_memory(),
+    )
 
 
-def _eval_event(model, eval_set, config, pad, state: RunState, step, total, name, run: Run,
-                adapter_cfg, initial: bool = False) -> TrainEvent:
+def _eval_event(
+    model,
+    eval_set,
+    config,
+    pad,
+    state: RunState,
+    step,
+    total,
+    name,
+    run: Run,
+    adapter_cfg,
+    initial: bool = False,
+) -> TrainEvent:
     val = evaluate(model, eval_set, config.batch_size, pad, config.val_batches)
     is_best = False
     if not initial:
@@ -506,12 +612,20 @@ def _eval_event(model, eval_set, config, pad, state: RunState, step, total, name
             run.save_best(model, adapter_cfg)
         else:
             state.evals_since_best += 1
-    return TrainEvent("eval", step, total, val_loss=val, val_ppl=math.exp(min(val, 700.0)),
-                      is_best=is_best, message=f"{name}{' before training' if initial else ''}")
+    return TrainEvent(
+        "eval",
+        step,
+        total,
+        val_loss=val,
+        val_ppl=math.exp(min(val, 700.0)),
+        is_best=is_best,
+        message=f"{name}{' before training' if initial else ''}",
+    )
 
 
-def _finish(run: Run, config: TrainConfig, model: nn.Module, adapter_cfg: dict,
-            write: bool = True) -> Path:
+def _finish(
+    run: Run, config: TrainConfig, model: nn.Module, adapter_cfg: dict, write: bool = True
+) -> Path:
     """Copy the best adapter (else the last weights) to the output folder."""
     if config.out:
         out = Path(config.out).expanduser()
@@ -552,7 +666,9 @@ def _check_config(c: TrainConfig) -> None:
         bad(f"rank must be ≥ 1, got {c.rank}")
 
 
-def perplexity(loaded, folder_or_examples: Any, max_seq_len: int = 512, batch_size: int = 4) -> float:
+def perplexity(
+    loaded, folder_or_examples: Any, max_seq_len: int = 512, batch_size: int = 4
+) -> float:
     """Perplexity of a loaded model on a folder of documents (or on prepared examples)."""
     if isinstance(folder_or_examples, Dataset):
         examples = folder_or_examples.val or folder_or_examples.train

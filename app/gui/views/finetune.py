@@ -397,8 +397,11 @@ class FinetuneView(QWidget):
             self,
             "Delete adapter",
             f"Delete the adapter {Path(path).name} and its files?"
-            + ("\nIt is applied to the loaded model now and stays so until you unload it."
-               if in_use else ""),
+            + (
+                "\nIt is applied to the loaded model now and stays so until you unload it."
+                if in_use
+                else ""
+            ),
             QMessageBox.Yes | QMessageBox.No,
             QMessageBox.No,
         )

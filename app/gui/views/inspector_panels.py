@@ -157,7 +157,7 @@ class MathRowsModel(RecordTableModel):
 
 
 class MathPanel(QWidget):
-    """"Check the math": the engine vs an independent float64 numpy forward, per layer."""
+    """ "Check the math": the engine vs an independent float64 numpy forward, per layer."""
 
     def __init__(self, window: Any) -> None:
         super().__init__()

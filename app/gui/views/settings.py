@@ -77,9 +77,7 @@ class SettingsView(QWidget):
         self.serve_key.setEchoMode(QLineEdit.Password)
         self.serve_key.setPlaceholderText("API key (optional): clients send 'Bearer KEY'")
         self.serve_key.setToolTip("Changes apply the next time Serve is switched on")
-        self.serve_key.textChanged.connect(
-            lambda t: store.set_setting("serve_api_key", t.strip())
-        )
+        self.serve_key.textChanged.connect(lambda t: store.set_setting("serve_api_key", t.strip()))
         self.serve_warning = QLabel("")
         self.serve_warning.setWordWrap(True)
         self.serve_warning.setStyleSheet("color: #b3261e;")
