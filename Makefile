@@ -47,7 +47,7 @@ sysdeps: $(SYSDEPS)
 $(SYSDEPS):
 	@mkdir -p $(VENV)
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  pkgs="libopenblas0-pthread libegl1 libgl1 libxkbcommon0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3 libglib2.0-0"; \
+	  pkgs="libopenblas0-pthread libegl1 libgl1 libxkbcommon0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3 libglib2.0-0 libxcb-cursor0"; \
 	  if ! dpkg -s $$pkgs >/dev/null 2>&1; then \
 	    echo "== installing system packages: $$pkgs"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; \
