@@ -4,6 +4,7 @@ of the app from /proc/self/statm; the model's weight size sits beside it; MLX's 
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 
@@ -39,7 +40,10 @@ def test_live_memory_follows_process(qtbot, tmp_path):
     before_ref = statm_rss()
     qtbot.waitUntil(lambda: abs(win.mem_rss - statm_rss()) < 50e6, timeout=10000)  # same quantity
     before = before_ref
-    block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MiB, every page written
+    # 200 MiB of fresh pages, every one written: an anonymous mmap, so no allocator can hand
+    # back memory that is already resident (np.ones reused freed heap here under the full suite).
+    block = mmap.mmap(-1, 200 * 2**20)
+    np.frombuffer(block, dtype=np.uint8)[:] = 1
     qtbot.waitUntil(lambda: win.mem_rss - before > 150e6, timeout=15000)  # busy CI: generous
     assert abs(win.mem_rss - statm_rss()) < 50e6
     assert "memory" in win.mem_label.text()
@@ -50,5 +54,6 @@ def test_live_memory_follows_process(qtbot, tmp_path):
     mx.eval(held)
     qtbot.waitUntil(lambda: (win.mem_mlx or 0) >= 4 * 2**20, timeout=15000)
     assert "MLX arrays now" in win.mem_label.toolTip()
-    del block, held
+    del held
+    block.close()
     win.shutdown()
