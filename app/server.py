@@ -101,11 +101,20 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
     response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def n_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def n_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -241,7 +250,37 @@ def _params(req: _Common, defaults: SamplingParams, max_tokens: int | None) -> S
     p.presence_penalty = req.presence_penalty
     p.frequency_penalty = req.frequency_penalty
     p.stop = req.stops()
+    p.logprobs = req.n_logprobs()
     return p
+
+
+def _chat_logprobs(events: list) -> dict:
+    """OpenAI's chat `logprobs` object for the tokens behind `events`."""
+
+    def entry(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {
+                **entry(ev.token_text, ev.logprob),
+                "top_logprobs": [entry(t, v) for t, v in (ev.top_logprobs or [])],
+            }
+            for ev in events
+        ]
+    }
+
+
+def _completion_logprobs(events: list, offset: int) -> dict:
+    """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, offsets)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for ev in events:
+        offsets.append(offset)
+        offset += len(ev.token_text)
+        tokens.append(ev.token_text)
+        lps.append(ev.logprob)
+        tops.append({t: v for t, v in (ev.top_logprobs or [])})
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -361,7 +400,8 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
         now = int(time.time())
         events = _run(request, kind, payload, params)
 
-        def choice(text: str, finish: str | None, delta: bool) -> dict:
+        def choice(text: str, finish: str | None, delta: bool, scored=(), offset: int = 0) -> dict:
+            # `scored`: the events (tokens) whose log-probabilities this choice reports.
             if kind == "chat":
                 key = "delta" if delta else "message"
                 body = (
@@ -369,8 +409,13 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
                     if not delta
                     else ({"content": text} if text else {})
                 )
-                return {"index": 0, key: body, "finish_reason": finish, "logprobs": None}
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+                lp = _chat_logprobs(scored) if params.logprobs is not None else None
+                return {"index": 0, key: body, "finish_reason": finish, "logprobs": lp}
+            lp = _completion_logprobs(scored, offset) if params.logprobs is not None else None
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}
+
+        def scored_of(ev) -> list:
+            return [ev] if getattr(ev, "logprob", None) is not None else []
 
         # Pull the first event before answering, so that a prompt that cannot be served is an
         # HTTP error rather than a broken stream.
@@ -382,11 +427,12 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
             raise _map_engine_error(e) from None
 
         if not req.stream:
-            parts, stats = [], None
+            parts, stats, scored = [], None, []
             ev = first
             try:
                 while ev is not None:
                     parts.append(ev.text or "")
+                    scored += scored_of(ev)
                     if ev.done:
                         stats = ev.stats
                     ev = await events.__anext__()
@@ -395,8 +441,10 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
             except Exception as e:
                 raise _map_engine_error(e) from None
             text = "".join(parts)
+            offset = 0
             if kind == "complete" and getattr(req, "echo", False):
                 text = payload + text
+                offset = len(payload)
             finish = _finish_reason(getattr(stats, "finish_reason", None))
             return JSONResponse(
                 {
@@ -404,7 +452,7 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
                     "object": obj,
                     "created": now,
                     "model": model_name,
-                    "choices": [choice(text, finish, delta=False)],
+                    "choices": [choice(text, finish, delta=False, scored=scored, offset=offset)],
                     "usage": _usage(stats),
                     "system_fingerprint": "latent-studio",
                 }
@@ -429,11 +477,17 @@ def create_app(engine, model_name: str, api_key: str | None = None) -> FastAPI:
                         ],
                     }
                 )
-            ev, stats = first, None
+            ev, stats, pending, offset = first, None, [], 0
             try:
                 while ev is not None:
+                    pending += scored_of(ev)
                     if ev.text:
-                        yield _sse({**base, "choices": [choice(ev.text, None, delta=True)]})
+                        # Tokens whose text was held back (partial UTF-8, a possible stop string)
+                        # are reported with the chunk that finally carries their text.
+                        c = choice(ev.text, None, delta=True, scored=pending, offset=offset)
+                        yield _sse({**base, "choices": [c]})
+                        offset += sum(len(e.token_text) for e in pending)
+                        pending = []
                     if ev.done:
                         stats = ev.stats
                     try:

@@ -65,6 +65,26 @@ class Event:
     token_id: int | None = None
     done: bool = False
     stats: GenerationStats | None = None
+    # Only when `SamplingParams.logprobs` is set: the token's text and log-probability, and the
+    # top alternatives as (text, log-probability), most likely first.
+    token_text: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[str, float]] | None = None
+
+
+def token_logprobs(tokenizer, token: int, logprobs: mx.array, top: int) -> dict:
+    """The Event fields for one token: its text and log-probability, and `top` alternatives."""
+    fields = {"token_text": tokenizer.decode([token]), "logprob": logprobs[token].item()}
+    alts: list[tuple[str, float]] = []
+    if top > 0:
+        top = min(top, logprobs.shape[-1])
+        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+        vals = logprobs[ids]
+        order = mx.argsort(-vals)
+        for i, v in zip(ids[order].tolist(), vals[order].tolist()):
+            alts.append((tokenizer.decode([i]), v))
+    fields["top_logprobs"] = alts
+    return fields
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -313,7 +333,12 @@ def _stream(
         cancel=cancel,
     )
     try:
-        for token, _ in steps:
+        for token, step_logprobs in steps:
+            extra = (
+                token_logprobs(tokenizer, token, step_logprobs, params.logprobs)
+                if params.logprobs is not None
+                else {}
+            )
             if t_first is None:
                 t_first = time.perf_counter()
             if cancel is not None and cancel.is_set():
@@ -326,10 +351,10 @@ def _stream(
             detok.add_token(token)
             text, stopped = scanner.feed(detok.last_segment)
             if stopped:
-                yield Event(text=text, token_id=token)
+                yield Event(text=text, token_id=token, **extra)
                 yield finish_event("stop")
                 return
-            yield Event(text=text, token_id=token)
+            yield Event(text=text, token_id=token, **extra)
             if stats.generated_tokens >= limit:
                 finish = limit_reason
                 break

@@ -38,6 +38,9 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # Report each generated token's log-probability (after the logits processors) and this many
+    # top alternatives; None reports nothing and costs nothing.
+    logprobs: int | None = None
 
     def replace(self, **changes) -> SamplingParams:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

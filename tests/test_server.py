@@ -230,3 +230,56 @@ def test_api_key_is_enforced(default_model_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_chat_logprobs_follow_the_model(client, default_model_path):
+    """Greedy tokens are the most likely alternatives, texts add up to the reply, and the first
+    token's log-probability equals log-softmax of a direct forward pass over the same prompt."""
+    import mlx.core as mx
+
+    from engine.session import Engine
+
+    r = client.chat.completions.create(
+        model="any", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 3
+        assert c.top_logprobs[0].token == c.token
+        assert abs(c.top_logprobs[0].logprob - c.logprob) < 1e-6
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+        assert bytes(c.bytes).decode("utf-8") == c.token
+
+    eng = Engine()
+    eng.load(str(default_model_path))
+    ids, _ = eng.render(QUESTION)
+    logits = eng.loaded.model(mx.array([ids]))[0, -1].astype(mx.float32)
+    expected = (logits - mx.logsumexp(logits)).max().item()
+    assert abs(content[0].logprob - expected) < 1e-3
+
+    stream = client.chat.completions.create(
+        model="any", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, stream=True
+    )
+    streamed = [
+        c for chunk in stream for ch in chunk.choices if ch.logprobs for c in ch.logprobs.content
+    ]
+    assert [c.token for c in streamed] == [c.token for c in content]
+
+
+def test_completion_logprobs_shape(client):
+    r = client.completions.create(
+        model="any", prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    assert (
+        len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    )
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert all(
+        len(t) <= 2 and max(t.values()) >= v - 1e-6
+        for t, v in zip(lp.top_logprobs, lp.token_logprobs)
+    )
