@@ -37,7 +37,7 @@ from engine.layers.moe import (
     stack_experts,
 )
 from engine.layers.norm import RMSNorm
-from engine.models.base import BaseModelArgs
+from engine.models.base import BaseModelArgs, KVCacheModel
 
 
 @dataclass
@@ -204,7 +204,7 @@ class DeepseekModel(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
+class Model(KVCacheModel, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -233,14 +233,11 @@ class Model(nn.Module):
         object.__setattr__(self, "_router_capture", value)
         set_capture(self, value)
 
-    supports_kv_bits = True  # engine.load(..., kv_bits=8|4) sets `kv_bits`, read below
-    kv_bits: int | None = None
-
     def make_cache(self, kv_bits: int | None = None) -> list:
         """One latent cache per layer, quantized to `kv_bits` (8 or 4; 0 forces full precision;
         None takes the `kv_bits` given to `engine.load`)."""
         a = self.args
-        bits = self.kv_bits if kv_bits is None else (kv_bits or None)
+        bits = self.cache_bits(kv_bits)
         return [make_latent_cache(a.kv_lora_rank, a.qk_rope_head_dim, bits) for _ in self.layers]
 
     # -- checkpoint quirks -----------------------------------------------------------------

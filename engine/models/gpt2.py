@@ -16,7 +16,7 @@ import mlx.nn as nn
 from engine.layers.attention import create_attention_mask, scaled_dot_product_attention
 from engine.layers.mlp import activation
 from engine.layers.norm import LayerNorm
-from engine.models.base import BaseModelArgs
+from engine.models.base import BaseModelArgs, KVCacheModel
 
 
 @dataclass
@@ -103,7 +103,7 @@ class GPT2Model(nn.Module):
         return self.ln_f(h)
 
 
-class Model(nn.Module):
+class Model(KVCacheModel, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -121,17 +121,6 @@ class Model(nn.Module):
     @property
     def layers(self) -> list:
         return self.transformer.h
-
-    supports_kv_bits = True  # engine.load(..., kv_bits=8|4) sets `kv_bits`
-    kv_bits: int | None = None
-
-    def make_cache(self, kv_bits: int | None = None) -> list:
-        """One KV cache per layer; quantized to `kv_bits` (4/8; 0 forces full precision; None
-        takes the `kv_bits` given to `engine.load`)."""
-        from engine.cache import make_kv_caches
-
-        bits = self.kv_bits if kv_bits is None else (kv_bits or None)
-        return make_kv_caches(len(self.layers), bits)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         out = {}

@@ -23,7 +23,7 @@ from engine.layers.attention import (
 from engine.layers.mlp import SwiGLU
 from engine.layers.norm import RMSNorm
 from engine.layers.rope import make_rope
-from engine.models.base import BaseModelArgs, head_dim_of
+from engine.models.base import BaseModelArgs, KVCacheModel, head_dim_of
 
 
 @dataclass
@@ -142,7 +142,7 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
+class Model(KVCacheModel, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -160,17 +160,6 @@ class Model(nn.Module):
     @property
     def layers(self) -> list:
         return self.model.layers
-
-    supports_kv_bits = True  # engine.load(..., kv_bits=8|4) sets `kv_bits`
-    kv_bits: int | None = None
-
-    def make_cache(self, kv_bits: int | None = None) -> list:
-        """One KV cache per layer; quantized to `kv_bits` (4/8; 0 forces full precision; None
-        takes the `kv_bits` given to `engine.load`)."""
-        from engine.cache import make_kv_caches
-
-        bits = self.kv_bits if kv_bits is None else (kv_bits or None)
-        return make_kv_caches(len(self.layers), bits)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         # rotary tables saved by some exporters are recomputed here, never loaded
