@@ -52,6 +52,9 @@ class GenerationStats:
     finish_reason: str = ""  # "stop" | "length" | "context" | "cancelled"
     template_fallback: bool = False
     total_s: float = 0.0
+    # Speculative decoding only (engine/speculative.py): draft tokens checked / kept.
+    draft_proposed: int = 0
+    draft_accepted: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -262,11 +265,17 @@ def stream_generate(
     prefill_chunk: int = 512,
     template_fallback: bool = False,
     context_length: int | None = None,
+    draft: Any = None,
+    num_draft: int | None = None,
+    draft_cache: list | None = None,
+    draft_num_cached: int = 0,
 ) -> Iterator[Event]:
     """Generate from `prompt_ids`; yields an `Event` per token and a final `done` event.
 
     Raises `ContextLengthError` at once (not on first iteration) when the prompt does not fit.
-    Pass `cache` (holding the first `num_cached` prompt tokens) to reuse a prefix.
+    Pass `cache` (holding the first `num_cached` prompt tokens) to reuse a prefix. With a `draft`
+    (a loaded model sharing the tokenizer) decoding is speculative (engine/speculative.py):
+    `num_draft` proposals per round, `draft_cache` holding its first `draft_num_cached` tokens.
     """
     params = params or SamplingParams()
     prompt_ids = list(prompt_ids)
@@ -277,13 +286,40 @@ def stream_generate(
         raise ContextLengthError(
             f"prompt is {len(prompt_ids)} tokens but the model's context is {ctx} tokens"
         )
+    spec = None
+    if draft is not None:
+        from engine.speculative import DEFAULT_NUM_DRAFT, check_draft, check_num_draft
+
+        check_draft(loaded, draft)
+        num_draft = check_num_draft(DEFAULT_NUM_DRAFT if num_draft is None else num_draft)
+        if draft_cache is None:
+            draft_cache, draft_num_cached = draft.model.make_cache(), 0
+        spec = (draft, num_draft, draft_cache, draft_num_cached)
     return _stream(
-        loaded, prompt_ids, params, cancel, cache, num_cached, prefill_chunk, template_fallback, ctx
+        loaded,
+        prompt_ids,
+        params,
+        cancel,
+        cache,
+        num_cached,
+        prefill_chunk,
+        template_fallback,
+        ctx,
+        spec,
     )
 
 
 def _stream(
-    loaded, prompt_ids, params, cancel, cache, num_cached, prefill_chunk, template_fallback, ctx
+    loaded,
+    prompt_ids,
+    params,
+    cancel,
+    cache,
+    num_cached,
+    prefill_chunk,
+    template_fallback,
+    ctx,
+    spec=None,
 ):
     model = loaded.model
     tokenizer = loaded.tokenizer
@@ -304,6 +340,7 @@ def _stream(
     t0 = time.perf_counter()
     t_first = None
     finish = None
+    counts = None
 
     def finish_event(reason: str, tail: str = "") -> Event:
         t_end = time.perf_counter()
@@ -312,8 +349,12 @@ def _stream(
         if t_first is not None:
             stats.ttft_s = t_first - t0
             stats.prefill_tps = (len(prompt_ids) - num_cached) / max(stats.ttft_s, 1e-9)
-            if stats.generated_tokens > 1:
-                stats.decode_tps = (stats.generated_tokens - 1) / max(t_end - t_first, 1e-9)
+            # Tokens that arrived with the first one (a speculative round) took no decode time.
+            first = max(1, counts.first_emitted) if counts is not None else 1
+            if stats.generated_tokens > first:
+                stats.decode_tps = (stats.generated_tokens - first) / max(t_end - t_first, 1e-9)
+        if counts is not None:
+            stats.draft_proposed, stats.draft_accepted = counts.proposed, counts.accepted
         stats.peak_memory_bytes = int(mx.get_peak_memory())
         return Event(text=tail, token_id=None, done=True, stats=stats)
 
@@ -321,17 +362,39 @@ def _stream(
         yield finish_event(limit_reason)
         return
 
-    steps = generate_step(
-        model,
-        prompt_ids,
-        cache,
-        sampler_for(params),
-        make_logits_processors(params),
-        prefill_chunk,
-        num_cached=num_cached,
-        max_tokens=limit,
-        cancel=cancel,
-    )
+    if spec is not None:
+        from engine.speculative import DraftCounts, speculative_generate_step
+
+        draft, num_draft, draft_cache, draft_num_cached = spec
+        counts = DraftCounts()
+        steps = speculative_generate_step(
+            model,
+            draft.model,
+            prompt_ids,
+            cache,
+            draft_cache,
+            params,
+            num_draft=num_draft,
+            prefill_chunk=prefill_chunk,
+            num_cached=num_cached,
+            draft_num_cached=draft_num_cached,
+            max_tokens=limit,
+            cancel=cancel,
+            counts=counts,
+            draft_context=context_length_of(draft),
+        )
+    else:
+        steps = generate_step(
+            model,
+            prompt_ids,
+            cache,
+            sampler_for(params),
+            make_logits_processors(params),
+            prefill_chunk,
+            num_cached=num_cached,
+            max_tokens=limit,
+            cancel=cancel,
+        )
     try:
         for token, step_logprobs in steps:
             extra = (

@@ -10,6 +10,10 @@ that prefix and prefills only the rest, so turn 2 of a chat costs only its new t
 (`stats.cached_tokens`). An entry that would lose most of its tokens is forked (copied up to
 the shared prefix) instead of trimmed, so switching between chats keeps each one warm.
 
+Speculative decoding: `load_draft(path)` (or `attach_draft(loaded)`) adds a small draft model
+sharing the tokenizer; every stream then decodes speculatively (engine/speculative.py), with
+its own prefix cache for the draft. Loading another model drops the draft.
+
 The Engine knows nothing about Qt, HTTP or storage of conversations.
 """
 
@@ -131,6 +135,11 @@ class Engine:
             DEFAULT_PREFIX_CACHE_ENTRIES,
         )
         self.last_stats = None
+        self._draft: Any = None
+        self.num_draft: int | None = None  # None: engine.speculative.DEFAULT_NUM_DRAFT
+        self.draft_prefix_cache = PrefixCache(
+            self.prefix_cache.max_bytes, DEFAULT_PREFIX_CACHE_ENTRIES
+        )
 
     # --- model lifecycle -------------------------------------------------------------------
 
@@ -142,6 +151,7 @@ class Engine:
         with self._lock:
             self._loaded = None
             self.prefix_cache.clear()
+            self._drop_draft()
             loaded = load(path_or_repo, adapter, **kw)
             self._loaded = loaded
             self._source = str(path_or_repo)
@@ -152,6 +162,7 @@ class Engine:
         """Use an already loaded `LoadedModel` (tests, benchmarks)."""
         with self._lock:
             self.prefix_cache.clear()
+            self._drop_draft()
             self._loaded = loaded
             self._source = str(getattr(loaded, "path", ""))
 
@@ -160,6 +171,7 @@ class Engine:
         with self._lock:
             self._loaded = None
             self.prefix_cache.clear()
+            self._drop_draft()
             import mlx.core as mx
 
             mx.clear_cache()
@@ -170,7 +182,54 @@ class Engine:
             raise LatentError("no model is loaded: load one before setting an adapter")
         if path is not None and not Path(path).exists():
             raise LatentError(f"{path}: adapter not found")
-        return self.load(self._source, path, **self._load_kwargs)
+        draft, num_draft = self._draft, self.num_draft
+        info = self.load(self._source, path, **self._load_kwargs)
+        if draft is not None:  # same tokenizer as before: keep speculating
+            self.attach_draft(draft, num_draft=num_draft)
+        return info
+
+    # --- speculative decoding --------------------------------------------------------------
+
+    def load_draft(
+        self, path_or_repo: str | os.PathLike | None, *, num_draft: int | None = None, **kw
+    ):
+        """Load a draft model for speculative decoding (None: stop speculating).
+
+        Returns the draft's `ModelInfo`; `LatentError` when it does not share the loaded
+        model's tokenizer.
+        """
+        if path_or_repo is None:
+            self.attach_draft(None)
+            return None
+        from engine.loading import load
+
+        self._need()
+        draft = load(path_or_repo, **kw)
+        self.attach_draft(draft, num_draft=num_draft)
+        return draft.info
+
+    def attach_draft(self, draft: Any, *, num_draft: int | None = None) -> None:
+        """Use an already loaded draft `LoadedModel` (None: stop speculating)."""
+        from engine.speculative import check_draft, check_num_draft
+
+        if draft is not None:
+            check_draft(self._need(), draft)
+            if num_draft is not None:
+                check_num_draft(num_draft)
+        with self._lock:
+            self._drop_draft()
+            self._draft = draft
+            if draft is not None:
+                self.num_draft = num_draft
+
+    @property
+    def draft(self) -> Any:
+        """The draft `LoadedModel`, or None when decoding is not speculative."""
+        return self._draft
+
+    def _drop_draft(self) -> None:
+        self._draft = None
+        self.draft_prefix_cache.clear()
 
     @property
     def loaded(self) -> Any:
@@ -263,6 +322,13 @@ class Engine:
             self._running_cancel = flag
             loaded = self._need()
             cache, n_cached = self.prefix_cache.take(loaded.model, ids)
+            draft = self._draft
+            spec: dict[str, Any] = {}
+            if draft is not None:
+                dcache, dn = self.draft_prefix_cache.take(draft.model, ids)
+                spec = dict(
+                    draft=draft, num_draft=self.num_draft, draft_cache=dcache, draft_num_cached=dn
+                )
             generated: list[int] = []
             keep = False
             try:
@@ -275,6 +341,7 @@ class Engine:
                     num_cached=n_cached,
                     prefill_chunk=self.prefill_chunk,
                     template_fallback=fallback,
+                    **spec,
                 ):
                     if ev.token_id is not None:
                         generated.append(ev.token_id)
@@ -290,3 +357,5 @@ class Engine:
                 # After an error we do not know what the cache holds: drop it.
                 if keep:
                     self.prefix_cache.put(ids + generated, cache)
+                    if spec:
+                        self.draft_prefix_cache.put(ids + generated, spec["draft_cache"])

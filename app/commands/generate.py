@@ -2,8 +2,10 @@
 
 `--json` prints one JSON object instead (text, token ids and counts, TTFT, prefill and decode
 tok/s, peak memory, finish reason) for scripts. `--raw` skips the chat template. The model
-defaults to the default model (fetched on first use). Shared option helpers for `latent chat`
-live here too. This module only parses arguments and formats output; the work is `Engine`'s.
+defaults to the default model (fetched on first use). `--draft MODEL [--num-draft N]` decodes
+speculatively with a small draft model of the same tokenizer (acceptance in the stats). Shared
+option helpers for `latent chat` live here too. This module only parses arguments and formats
+output; the work is `Engine`'s.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import sys
 from typing import Any
 
+from engine.errors import LatentError
 from engine.sampling import SamplingParams
 
 
@@ -82,10 +85,17 @@ def params_from_args(engine, args: argparse.Namespace) -> SamplingParams:
 def format_stats(st) -> str:
     cached = f" ({st.cached_tokens} cached)" if st.cached_tokens else ""
     fallback = " [fallback chat template]" if st.template_fallback else ""
+    proposed = getattr(st, "draft_proposed", 0)
+    draft = (
+        f" | draft accepted {st.draft_accepted}/{proposed} ({st.draft_accepted / proposed:.0%})"
+        if proposed
+        else ""
+    )
     return (
         f"prompt {st.prompt_tokens} tokens{cached}, generated {st.generated_tokens} "
         f"({st.finish_reason}) | TTFT {st.ttft_s:.2f} s | prefill {st.prefill_tps:.1f} tok/s "
-        f"| decode {st.decode_tps:.1f} tok/s | peak {st.peak_memory_bytes / 2**20:.0f} MiB{fallback}"
+        f"| decode {st.decode_tps:.1f} tok/s{draft} | peak {st.peak_memory_bytes / 2**20:.0f} MiB"
+        f"{fallback}"
     )
 
 
@@ -95,12 +105,29 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads stdin)")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument(
+        "--draft",
+        metavar="MODEL",
+        help="speculative decoding: a small draft model with the same tokenizer (folder, .gguf, repo)",
+    )
+    p.add_argument(
+        "--num-draft",
+        type=int,
+        metavar="N",
+        help="tokens the draft proposes per target pass (default 4)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if getattr(args, "draft", None) and getattr(args, "hosts", None):
+        raise LatentError("--draft is not supported with --hosts")
+    if getattr(args, "num_draft", None) is not None and not getattr(args, "draft", None):
+        raise LatentError("--num-draft needs --draft MODEL")
     engine = load_engine(args)
+    if getattr(args, "draft", None):
+        engine.load_draft(args.draft, num_draft=args.num_draft)
     params = params_from_args(engine, args)
     if args.raw:
         text = f"{args.system}\n\n{prompt}" if args.system else prompt
