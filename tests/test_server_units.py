@@ -52,3 +52,24 @@ def test_queue_survives_an_app_shutdown_and_restart():
         with TestClient(app) as client:  # each `with` runs startup and shutdown
             r = client.post("/v1/completions", json={"prompt": "x"}, timeout=10)
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == "word"
+
+
+def test_queue_says_when_and_why_it_serves_one_at_a_time(monkeypatch):
+    """A stand-in engine (the desktop app's proxy is one) and `max_batch=1` are never batched."""
+    from app.server import BATCH_ENV, EngineQueue, max_batch_from_env
+    from engine.batch import DEFAULT_MAX_BATCH
+
+    class Stub:
+        def cancel(self):
+            pass
+
+    runner = EngineQueue(Stub())
+    assert "not an engine.session.Engine" in runner.batching_off_reason()
+    assert "one at a time" in runner.describe()
+    assert EngineQueue(Stub(), max_batch=1).batching_off_reason() == f"{BATCH_ENV}=1"
+    monkeypatch.setenv(BATCH_ENV, "3")
+    assert max_batch_from_env() == 3
+    monkeypatch.setenv(BATCH_ENV, "nonsense")
+    assert max_batch_from_env() == DEFAULT_MAX_BATCH
+    monkeypatch.delenv(BATCH_ENV)
+    assert max_batch_from_env() == DEFAULT_MAX_BATCH
