@@ -41,10 +41,11 @@ def profile(model_path: str, context: int, iters: int) -> list[tuple[str, float,
     import mlx.core as mx
 
     import engine
-    from engine.blas import openblas_loaded
+    from engine.blas import openblas_loaded, use_blas_prefill
 
     loaded = engine.load(model_path)
     model = loaded.model
+    use_blas_prefill(model)  # the CPU paths generation uses (engine/quant/cpu.py)
     cache = model.make_cache()
     ids = mx.array([[(i * 7) % 1000 + 100 for i in range(context)]])
     model(ids, cache=cache)
@@ -82,7 +83,13 @@ def profile(model_path: str, context: int, iters: int) -> list[tuple[str, float,
     logits = head(x)
     mx.eval(logits)
     rows.append(("sampling (argmax)", _time(lambda: mx.argmax(logits), iters), 0))
-    print(f"openblas: {openblas_loaded()}, model {model_path}, cache {context} tokens")
+    from engine.quant.cpu import kernels
+
+    k = kernels()
+    where = f"{k.simd()}, {k.num_threads()} threads" if k is not None else "not loaded"
+    print(
+        f"openblas: {openblas_loaded()}, CPU kernels: {where}, model {model_path}, cache {context} tokens"
+    )
     return rows
 
 

@@ -8,9 +8,9 @@ re-executes the current command once with it set, before MLX does any work. Set
 
 Once a fast GEMM is there, prompt prefill should use it: MLX-CPU's quantized matmul runs a
 512-token chunk as 512 matvecs (~1.1 s for one 576x1536 layer here), while dequantizing the
-block to fp32 and calling sgemm takes ~0.07 s. `use_blas_prefill(model)` switches every
-`nn.QuantizedLinear` to do that for inputs of `PREFILL_MIN_ROWS` rows or more; one-token decode
-keeps the quantized matvec (it reads 4-8x fewer bytes). The math is the same affine formula.
+block to fp32 and calling sgemm takes ~0.07 s. `use_blas_prefill(model)` hands quantized layers
+to engine/quant/cpu.py, which does that for prompt chunks and runs one-token decode through our
+own SIMD kernels (latent_kernels.cpu).
 `dequantize_model` widens a model's quantized layers to plain fp32 ones (benchmarks, export).
 Module import stays free of mlx (the re-exec must happen before MLX loads).
 """
@@ -85,64 +85,17 @@ def maybe_reexec_with_openblas() -> None:
         return  # could not re-exec: carry on with the reference BLAS
 
 
-# --- prefill through BLAS -------------------------------------------------------------------
-
-PREFILL_MIN_ROWS = 8  # below this, the quantized matvec beats dequantize + sgemm
-
-
-def _blas_prefill_class():
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    class BlasPrefillQuantizedLinear(nn.QuantizedLinear):
-        """Quantized matvec for a few rows; dequantize + BLAS GEMM for a prompt chunk."""
-
-        def __call__(self, x):
-            if x.size // x.shape[-1] < PREFILL_MIN_ROWS:
-                return super().__call__(x)
-            w = mx.dequantize(
-                self["weight"],
-                self["scales"],
-                self.get("biases"),
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-                dtype=x.dtype,
-            )
-            y = x @ w.T
-            if "bias" in self:
-                y = y + self["bias"]
-            return y
-
-    return BlasPrefillQuantizedLinear
-
-
-_PREFILL_CLASS = None
+# --- quantized layers on the CPU --------------------------------------------------------------
 
 
 def use_blas_prefill(model, force: bool = False) -> int:
-    """Route long inputs of quantized linears through dequantize + GEMM; returns layers changed.
+    """Route quantized layers through our CPU kernels and, for prompt chunks, OpenBLAS GEMM.
 
-    Only on the CPU with OpenBLAS loaded (or `force`): elsewhere the quantized kernels are the
-    fast path. Idempotent.
+    Kept under its old name for the generation loops; the logic lives in engine/quant/cpu.py.
     """
-    global _PREFILL_CLASS
-    import mlx.core as mx
-    import mlx.nn as nn
+    from engine.quant.cpu import use_cpu_kernels
 
-    if not force and (mx.default_device() != mx.cpu or not openblas_loaded()):
-        return 0
-    if os.environ.get("LATENT_NO_BLAS_PREFILL"):
-        return 0
-    if _PREFILL_CLASS is None:
-        _PREFILL_CLASS = _blas_prefill_class()
-    n = 0
-    for _, m in model.named_modules():
-        if type(m) is nn.QuantizedLinear and m.mode == "affine":
-            # Same parameters, same math; only the method that runs a call changes.
-            m.__class__ = _PREFILL_CLASS
-            n += 1
-    return n
+    return use_cpu_kernels(model, force=force)
 
 
 def dequantize_model(model) -> int:

@@ -61,8 +61,9 @@ def test_blas_prefill_path_matches_quantized_matmul():
     import mlx.core as mx
     import mlx.nn as nn
 
-    from engine.blas import PREFILL_MIN_ROWS, use_blas_prefill
+    from engine.blas import use_blas_prefill
     from engine.models import get_model_classes
+    from engine.quant.cpu import PREFILL_MIN_ROWS
 
     Model, Args = get_model_classes("llama")
     args = Args.from_dict(
@@ -79,4 +80,5 @@ def test_blas_prefill_path_matches_quantized_matmul():
     assert use_blas_prefill(model, force=True) > 0
     assert use_blas_prefill(model, force=True) == 0  # idempotent
     np.testing.assert_allclose(np.array(model(ids)), np.array(ref), atol=1e-4)
-    np.testing.assert_allclose(np.array(model(ids[:, :1])), np.array(one_ref), atol=1e-6)
+    # one row goes through our qmm_rows kernel: same math, another summation order
+    np.testing.assert_allclose(np.array(model(ids[:, :1])), np.array(one_ref), atol=1e-5)

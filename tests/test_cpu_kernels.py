@@ -1,0 +1,177 @@
+"""The CPU kernels for affine-quantized weights (kernels/cpu/qmatmul.cpp) against independent
+references: numpy float64 on weights unpacked bit by bit from MLX's packed words, bit-exact
+float32 dequantization, MLX's own `quantized_matmul`, and greedy decoding of the real model
+with and without the kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from latent_kernels import cpu  # noqa: E402
+
+K = cpu.load()
+pytestmark = pytest.mark.skipif(K is None, reason=f"CPU kernels not built: {cpu.load_error()}")
+
+
+def unpack_np(w: np.ndarray, bits: int) -> np.ndarray:
+    """MLX affine packing, read independently: element j of a uint32 word is bits [bits*j, ...)."""
+    per = 32 // bits
+    shifts = np.arange(per, dtype=np.uint32) * bits
+    q = (w[..., None] >> shifts) & np.uint32((1 << bits) - 1)  # (N, words, per)
+    return q.reshape(w.shape[0], -1)
+
+
+def dequant_np(w, scales, biases, group: int, bits: int, dtype=np.float64) -> np.ndarray:
+    q = unpack_np(np.array(w), bits).astype(dtype)
+    s = np.repeat(np.array(scales.astype(mx.float32)).astype(dtype), group, axis=1)
+    b = np.repeat(np.array(biases.astype(mx.float32)).astype(dtype), group, axis=1)
+    return q * s + b
+
+
+def quantized(n: int, k: int, group: int, bits: int, scale_dtype=mx.float32, seed: int = 0):
+    mx.random.seed(seed)
+    w, s, b = mx.quantize(mx.random.normal((n, k)), group, bits)
+    return w, s.astype(scale_dtype), b.astype(scale_dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
+def test_qmm_rows_matches_float64_reference(bits, group, scale_dtype):
+    w, s, b = quantized(640, 768, group, bits, getattr(mx, scale_dtype))
+    ref_w = dequant_np(w, s, b, group, bits)
+    for rows in (1, 2, 3, 4, 5, 7, 9):
+        x = mx.random.normal((rows, 768))
+        got = np.array(K.qmm_rows(x, w, s, b, group, bits))
+        want = np.array(x).astype(np.float64) @ ref_w.T
+        # float32 accumulation over 768 terms of size ~|x||w|
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
+
+
+def test_qmm_rows_keeps_leading_dims_and_equals_mlx_op():
+    w, s, b = quantized(576, 576, 32, 4)
+    x = mx.random.normal((2, 3, 576))
+    got = K.qmm_rows(x, w, s, b, 32, 4)
+    assert got.shape == (2, 3, 576) and got.dtype == mx.float32
+    want = mx.quantized_matmul(x, w, s, b, transpose=True, group_size=32, bits=4)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
+def test_dequantize_is_bit_exact(bits, scale_dtype):
+    w, s, b = quantized(300, 256, 64, bits, getattr(mx, scale_dtype))
+    got = np.array(K.dequantize_f32(w, s, b, 64, bits))
+    # q * s + b in float32, rounded after each operation (no fused multiply-add)
+    want = dequant_np(w, s, b, 64, bits, dtype=np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_thread_count_does_not_change_results():
+    w, s, b = quantized(4096, 512, 64, 4)
+    x = mx.random.normal((3, 512))
+    before = K.num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            K.set_num_threads(n)
+            assert K.num_threads() == n
+            outs.append(np.array(K.qmm_rows(x, w, s, b, 64, 4)))
+            outs.append(np.array(K.dequantize_f32(w, s, b, 64, 4)))
+    finally:
+        K.set_num_threads(before)
+    for a, c in zip(outs[0::2], outs[2::2]):
+        np.testing.assert_array_equal(a, c)
+    for a, c in zip(outs[1::2], outs[3::2]):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_gradient_through_qmm_rows():
+    w, s, b = quantized(256, 128, 32, 8)
+    wf = mx.dequantize(w, s, b, 32, 8)
+    x = mx.random.normal((2, 128))
+    g_ours = mx.grad(lambda x: (K.qmm_rows(x, w, s, b, 32, 8) ** 2).sum())(x)
+    g_ref = mx.grad(lambda x: ((x @ wf.T) ** 2).sum())(x)
+    np.testing.assert_allclose(np.array(g_ours), np.array(g_ref), rtol=1e-4, atol=1e-3)
+
+
+def test_bad_inputs_are_refused_clearly():
+    w, s, b = quantized(64, 128, 32, 4)
+    with pytest.raises(ValueError, match="4- and 8-bit"):
+        K.qmm_rows(mx.zeros((1, 128)), w, s, b, 32, 3)
+    with pytest.raises(ValueError, match="last dimension"):
+        K.qmm_rows(mx.zeros((1, 64)), w, s, b, 32, 4)
+    with pytest.raises(ValueError, match="float32"):
+        K.qmm_rows(mx.zeros((1, 128), dtype=mx.float16), w, s, b, 32, 4)
+    with pytest.raises(ValueError, match="scales/biases"):
+        K.qmm_rows(mx.zeros((1, 128)), w, s[:, :2], b, 32, 4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        K.dequantize_f32(w, s, b, 16, 4)
+
+
+def _tiny_quantized_llama(bits: int):
+    import mlx.nn as nn
+
+    from engine.models import get_model_classes
+
+    Model, Args = get_model_classes("llama")
+    args = Args.from_dict(
+        dict(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+             max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True)
+    )  # fmt: skip
+    mx.random.seed(3)
+    model = Model(args)
+    nn.quantize(model, group_size=32, bits=bits)
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_model_layers_switch_and_match_mlx_ops(bits):
+    from engine.quant.cpu import CpuQuantizedEmbedding, CpuQuantizedLinear, restore, use_cpu_kernels
+
+    model = _tiny_quantized_llama(bits)
+    ids = mx.array([[(i * 13) % 320 for i in range(20)]])
+    ref_one, ref_many = model(ids[:, :1]), model(ids)
+    n = use_cpu_kernels(model, force=True)
+    assert n == 2 * 7 + 1  # every projection of both layers, and the tied embedding
+    assert use_cpu_kernels(model, force=True) == 0  # nothing left to switch: idempotent
+    assert type(model.model.embed_tokens) is CpuQuantizedEmbedding
+    assert type(model.layers[0].mlp.down_proj) is CpuQuantizedLinear
+    np.testing.assert_allclose(np.array(model(ids[:, :1])), np.array(ref_one), atol=1e-4)
+    np.testing.assert_allclose(np.array(model(ids)), np.array(ref_many), atol=1e-4)
+    assert restore(model) == n
+    assert type(model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+
+
+@pytest.mark.slow
+def test_real_model_greedy_tokens_unchanged_by_kernels(default_model_path, monkeypatch):
+    """SmolLM2 Q4_1/Q8_0: 32 greedy tokens with our kernels equal those of MLX's own ops."""
+    import engine
+    from engine import generate
+    from engine.generate import generate_step
+    from engine.quant.cpu import restore, use_cpu_kernels
+
+    # the layers' classes are set by hand below, not by the generation loop
+    monkeypatch.setattr(generate, "use_blas_prefill", lambda model, force=False: 0)
+    lm = engine.load(default_model_path)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+
+    def greedy(ids):
+        out = []
+        for tok, _ in generate_step(lm.model, ids, lm.model.make_cache(), max_tokens=32):
+            out.append(tok)
+        return out
+
+    for p in prompts:
+        ids = lm.tokenizer.encode(p)
+        assert use_cpu_kernels(lm.model) > 0
+        ours = greedy(ids)
+        restore(lm.model)
+        theirs = greedy(ids)
+        assert ours == theirs, p
