@@ -443,6 +443,33 @@ void with_scale_type(mx::Dtype dtype, F&& fn) {
   }
 }
 
+// Weights and scales are evaluated parameters, row-contiguous already: adding a copy node per
+// call (~200 per token) would cost more than the copy, so only unknown layouts get one.
+mx::array packed(const mx::array& a, mx::Stream stream) {
+  if (a.is_available() && a.flags().row_contiguous) return a;
+  return mx::contiguous(a, false, stream);
+}
+
+// Activations arrive unevaluated (layout unknown until run): a strided x is gathered in the
+// kernel instead (it is small).
+std::vector<float> gather_rows(const mx::array& x) {
+  std::vector<float> out(x.size());
+  const auto& shape = x.shape();
+  const auto& strides = x.strides();
+  const float* src = x.data<float>();
+  std::vector<int> idx(shape.size(), 0);
+  for (size_t i = 0; i < out.size(); ++i) {
+    int64_t loc = 0;
+    for (size_t d = 0; d < shape.size(); ++d) loc += int64_t(idx[d]) * strides[d];
+    out[i] = src[loc];
+    for (int d = int(shape.size()) - 1; d >= 0; --d) {
+      if (++idx[d] < shape[d]) break;
+      idx[d] = 0;
+    }
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // MLX primitives.
 
@@ -472,10 +499,16 @@ class QuantizedRowsMatmul : public mx::UnaryPrimitive {
                   biases = mx::array::unsafe_weak_copy(biases),
                   out = mx::array::unsafe_weak_copy(out), M, N, K, g = group_size_,
                   bits = bits_]() mutable {
+      std::vector<float> gathered;
+      const float* xd = x.data<float>();
+      if (!x.flags().row_contiguous) {
+        gathered = gather_rows(x);
+        xd = gathered.data();
+      }
       with_scale_type(scales.dtype(), [&](auto tag) {
         using S = decltype(tag);
         qmm_rows_impl<S>(
-            x.data<float>(), reinterpret_cast<const uint8_t*>(w.data<uint32_t>()),
+            xd, reinterpret_cast<const uint8_t*>(w.data<uint32_t>()),
             scales.data<S>(), biases.data<S>(), out.data<float>(), M, N, K, g, bits);
       });
     });
@@ -602,8 +635,7 @@ mx::array dequantize_f32(
   return mx::array(
       {w.shape(0), w.shape(1) * 32 / bits}, mx::float32,
       std::make_shared<DequantizeF32>(stream, group_size, bits),
-      {mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream),
-       mx::contiguous(biases, false, stream)});
+      {packed(w, stream), packed(scales, stream), packed(biases, stream)});
 }
 
 mx::array qmm_rows(
@@ -622,8 +654,7 @@ mx::array qmm_rows(
   shape.back() = w.shape(0);
   return mx::array(
       shape, mx::float32, std::make_shared<QuantizedRowsMatmul>(stream, group_size, bits),
-      {mx::contiguous(x, false, stream), mx::contiguous(w, false, stream),
-       mx::contiguous(scales, false, stream), mx::contiguous(biases, false, stream)});
+      {x, packed(w, stream), packed(scales, stream), packed(biases, stream)});
 }
 
 }  // namespace
