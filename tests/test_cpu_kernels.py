@@ -202,3 +202,68 @@ def test_strided_activations_and_weights():
     wide = mx.concatenate([w, w], axis=1)[:, : w.shape[1]]  # a strided view of the same words
     np.testing.assert_array_equal(np.array(K.dequantize_f32(wide, s, b, 64, 4)),
                                   np.array(K.dequantize_f32(w, s, b, 64, 4)))  # fmt: skip
+
+
+def attention_np(q, k, v, scale: float, causal: bool) -> np.ndarray:
+    """float64 softmax(q k^T scale + causal mask aligned to the end of the keys) v, GQA."""
+    q, k, v = (np.array(t).astype(np.float64) for t in (q, k, v))
+    _, hq, L, _ = q.shape
+    S = k.shape[2]
+    k = np.repeat(k, hq // k.shape[1], axis=1)
+    v = np.repeat(v, hq // v.shape[1], axis=1)
+    s = q @ k.transpose(0, 1, 3, 2) * scale
+    if causal:
+        s = np.where(np.arange(S)[None] <= np.arange(L)[:, None] + S - L, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,L,S,D,Dv,causal",
+    [
+        (1, 9, 3, 130, 130, 64, 64, True),  # prompt chunk, GQA
+        (2, 4, 2, 5, 37, 64, 64, True),  # a chunk after 32 cached tokens, batch of 2
+        (1, 9, 3, 1, 300, 64, 64, False),  # one decoded token
+        (1, 2, 1, 17, 17, 24, 16, True),  # head dims not multiples of 8 / Dv != D
+        (1, 2, 2, 10, 10, 12, 12, True),  # portable path (Dv % 8 != 0)
+        (1, 3, 1, 1, 1, 8, 8, True),  # a single key
+    ],
+)
+def test_attention_matches_float64_reference(B, Hq, Hkv, L, S, D, Dv, causal):
+    q = mx.random.normal((B, Hq, L, D))
+    k = mx.random.normal((B, Hkv, S, D))
+    v = mx.random.normal((B, Hkv, S, Dv))
+    got = np.array(K.attention(q, k, v, 0.3, causal))
+    np.testing.assert_allclose(got, attention_np(q, k, v, 0.3, causal), atol=2e-5, rtol=0)
+
+
+def test_attention_reads_a_kv_cache_view_and_has_mlx_gradients():
+    buf = mx.random.normal((1, 3, 768, 64))  # a cache buffer longer than what it holds
+    k, v = buf[:, :, :500, :], buf[:, :, :500, :] * 2
+    q = mx.random.normal((1, 9, 20, 64))
+    np.testing.assert_allclose(
+        np.array(K.attention(q, k, v, 0.125, True)), attention_np(q, k, v, 0.125, True), atol=2e-5
+    )
+    g_ours = mx.grad(lambda q: K.attention(q, k, v, 0.125, True).sum())(q)
+    g_mlx = mx.grad(
+        lambda q: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal").sum()
+    )(q)
+    np.testing.assert_allclose(np.array(g_ours), np.array(g_mlx), atol=1e-5)
+
+
+def test_swiglu_matches_float64_reference_and_has_gradients():
+    g = mx.random.normal((3, 1000)) * 8
+    u = mx.random.normal((3, 1000))
+    gn, un = np.array(g).astype(np.float64), np.array(u).astype(np.float64)
+    want = gn / (1 + np.exp(-gn)) * un
+    np.testing.assert_allclose(np.array(K.swiglu(g, u)), want, rtol=1e-6, atol=1e-30 + 1e-7)
+    tails = mx.array([-100.0, -30.0, -1e-8, 0.0, 1e-8, 30.0, 100.0])
+    np.testing.assert_allclose(
+        np.array(K.swiglu(tails, mx.ones_like(tails))),
+        np.array(tails) / (1 + np.exp(-np.array(tails).astype(np.float64))),
+        rtol=1e-6, atol=1e-30,
+    )  # fmt: skip
+    grads = mx.grad(lambda g, u: K.swiglu(g, u).sum(), argnums=(0, 1))(g, u)
+    want_g = mx.grad(lambda g, u: (g * mx.sigmoid(g) * u).sum(), argnums=(0, 1))(g, u)
+    for a, b in zip(grads, want_g):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6)

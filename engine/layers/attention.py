@@ -53,10 +53,30 @@ def create_attention_mask(h: mx.array, cache: Any = None, window_size: int | Non
     return "causal"
 
 
+def _cpu_kernel():
+    """Our CPU attention kernel (latent_kernels.cpu) when MLX computes on the CPU, else None."""
+    if mx.default_device() != mx.cpu:
+        return None
+    from engine.quant.cpu import kernels
+
+    return kernels()
+
+
 def scaled_dot_product_attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any = None
 ) -> mx.array:
-    """softmax(q·kᵀ·scale + mask)·v for q (B, Hq, L, D), k/v (B, Hkv, S, D) -> (B, Hq, L, Dv)."""
+    """softmax(q·kᵀ·scale + mask)·v for q (B, Hq, L, D), k/v (B, Hkv, S, D) -> (B, Hq, L, Dv).
+
+    On the CPU, float32 attention with no mask or the causal one runs in our kernel (one
+    threaded SIMD op; MLX's CPU path composes matmul, mask, softmax and matmul and spent ~45%
+    of a prompt chunk here); array masks (padding, windows) keep MLX's op.
+    """
+    if (mask is None or (isinstance(mask, str) and mask == "causal")) and (
+        q.dtype == k.dtype == v.dtype == mx.float32 and q.ndim == 4
+    ):
+        kern = _cpu_kernel()
+        if kern is not None:
+            return kern.attention(q, k, v, scale, mask == "causal")
     if isinstance(mask, mx.array) and mask.dtype != mx.bool_ and mask.dtype != q.dtype:
         mask = mask.astype(q.dtype)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -26,6 +26,7 @@ from pathlib import Path
 DISABLE_ENV = "LATENT_NO_CPU_KERNELS"
 MODULE = "_latent_cpu"
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
+HEADERS = [Path(__file__).with_name("attention.h")]
 
 _module = None
 _error: str | None = None
@@ -52,6 +53,8 @@ def cache_dir() -> Path:
 def _key() -> str:
     mlx_v, nb_v = _versions()
     h = hashlib.sha256(SOURCE.read_bytes())
+    for header in HEADERS:
+        h.update(header.read_bytes())
     h.update(f"{mlx_v}|{nb_v}|{_suffix()}|{platform.machine()}".encode())
     return h.hexdigest()[:16]
 

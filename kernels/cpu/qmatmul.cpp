@@ -36,6 +36,8 @@
 #define LATENT_X86 1
 #endif
 
+#include <cmath>
+
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
@@ -192,6 +194,12 @@ bool has_avx2() {
   return false;
 #endif
 }
+
+}  // namespace
+
+#include "attention.h"
+
+namespace {
 
 // ---------------------------------------------------------------------------------------
 // Scale/bias loading for each float dtype.
@@ -599,6 +607,209 @@ class DequantizeF32 : public mx::UnaryPrimitive {
   int group_size_, bits_;
 };
 
+class CpuAttention : public mx::UnaryPrimitive {
+ public:
+  CpuAttention(mx::Stream stream, float scale, bool causal)
+      : mx::UnaryPrimitive(stream), scale_(scale), causal_(causal) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([q = mx::array::unsafe_weak_copy(inputs[0]),
+                  k = mx::array::unsafe_weak_copy(inputs[1]),
+                  v = mx::array::unsafe_weak_copy(inputs[2]),
+                  out = mx::array::unsafe_weak_copy(out), scale = scale_,
+                  causal = causal_]() mutable { run(q, k, v, out, scale, causal); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[latent attention] CPU-only primitive");
+  }
+
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    // Training is rare on this path: differentiate MLX's own attention on the same inputs.
+    auto s = stream();
+    float scale = scale_;
+    std::string mode = causal_ ? "causal" : "";
+    auto fn = [=](const std::vector<mx::array>& in) {
+      return std::vector<mx::array>{mx::fast::scaled_dot_product_attention(
+          in[0], in[1], in[2], scale, mode, std::nullopt, std::nullopt, false, s)};
+    };
+    auto grads = mx::vjp(fn, primals, cotangents).second;
+    std::vector<mx::array> picked;
+    for (int a : argnums) picked.push_back(grads[a]);
+    return picked;
+  }
+
+  const char* name() const override { return "LatentCpuAttention"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const CpuAttention&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = inputs[2].shape(-1);
+    return {shape};
+  }
+
+ private:
+  static latent_attention::View view_of(const mx::array& a, std::vector<float>& keep) {
+    const float* data = a.data<float>();
+    auto st = a.strides();
+    if (st[3] != 1) {  // last dimension not contiguous: gather the whole array once
+      keep = gather_rows(a);
+      data = keep.data();
+      const int64_t S = a.shape(2), D = a.shape(3), H = a.shape(1);
+      return {data, H * S * D, S * D, D};
+    }
+    return {data, st[0], st[1], st[2]};
+  }
+
+  static void run(
+      const mx::array& q, const mx::array& k, const mx::array& v, mx::array& out, float scale,
+      bool causal) {
+    using namespace latent_attention;
+    const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), D = q.shape(3);
+    const int Hkv = k.shape(1), S = k.shape(2), Dv = v.shape(3);
+    const int group = Hq / Hkv;
+    std::vector<float> qkeep, kkeep, vkeep;
+    const View qv = view_of(q, qkeep), kv = view_of(k, kkeep), vv = view_of(v, vkeep);
+    float* o = out.data<float>();  // (B, Hq, L, Dv) row-contiguous
+    const int blocks = (L + QB - 1) / QB;
+    const int items = B * Hq * blocks;
+    Pool& p = pool();
+    const int chunks = std::min(items, 16 * p.size());
+    const bool simd = has_avx2() && Dv % 8 == 0 && Dv <= 256;
+    p.run(chunks, [&](int c) {
+      int i0, i1;
+      split(items, chunks, c, i0, i1);
+      std::vector<float> sbuf, qt(size_t(D) * QB);
+      for (int it = i0; it < i1; ++it) {
+        const int blk = it % blocks, hq = (it / blocks) % Hq, b = it / (blocks * Hq);
+        const int hk = hq / group;
+        const int r0 = blk * QB, rows = std::min(QB, L - r0);
+        int limit[QB];
+        for (int r = 0; r < QB; ++r) {
+          const int i = r0 + std::min(r, rows - 1);
+          limit[r] = causal ? S - L + i : S - 1;
+        }
+        const int n = limit[QB - 1] + 1;  // keys the block's last row sees
+        float* orow = o + ((int64_t(b) * Hq + hq) * L + r0) * Dv;
+#ifdef LATENT_X86
+        if (simd) {
+          for (int d = 0; d < D; ++d) {
+            for (int r = 0; r < QB; ++r) {
+              qt[d * QB + r] = r < rows ? qv.row(b, hq, r0 + r)[d] : 0.f;
+            }
+          }
+          sbuf.resize(size_t(n) * QB);
+          scores_block(qt.data(), kv, b, hk, n, D, sbuf.data());
+          softmax_cols(sbuf.data(), n, limit, scale);
+          for (int r = 0; r < rows; ++r) pv_row(sbuf.data(), r, vv, b, hk, n, Dv, orow + r * Dv);
+          continue;
+        }
+#endif
+        for (int r = 0; r < rows; ++r) {
+          attend_row_portable(qv.row(b, hq, r0 + r), kv, vv, b, hk, limit[r] + 1, D, Dv, scale,
+                              orow + r * Dv, sbuf);
+        }
+      }
+    });
+  }
+
+  float scale_;
+  bool causal_;
+};
+
+// silu(g) * u, elementwise (the SwiGLU activation): MLX's CPU sigmoid runs a scalar exp at
+// ~30 M elements/s here, which made the activation of a prompt chunk cost as much as its GEMMs.
+class SwiGLU : public mx::UnaryPrimitive {
+ public:
+  explicit SwiGLU(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([g = mx::array::unsafe_weak_copy(inputs[0]),
+                  u = mx::array::unsafe_weak_copy(inputs[1]),
+                  out = mx::array::unsafe_weak_copy(out)]() mutable {
+      std::vector<float> gk, uk;
+      const float* gd = g.flags().row_contiguous ? g.data<float>() : (gk = gather_rows(g)).data();
+      const float* ud = u.flags().row_contiguous ? u.data<float>() : (uk = gather_rows(u)).data();
+      float* od = out.data<float>();
+      const int64_t n = out.size();
+      const int64_t per = 16 * 1024;
+      const int chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(64, n / per)));
+      pool().run(chunks, [&](int c) {
+        const int64_t a = n * c / chunks, b = n * (c + 1) / chunks;
+        swiglu_range(gd, ud, od, a, b);
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[latent swiglu] CPU-only primitive");
+  }
+
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    auto s = stream();
+    auto fn = [=](const std::vector<mx::array>& in) {
+      auto sig = mx::sigmoid(in[0], s);
+      return std::vector<mx::array>{mx::multiply(mx::multiply(in[0], sig, s), in[1], s)};
+    };
+    auto grads = mx::vjp(fn, primals, cotangents).second;
+    std::vector<mx::array> picked;
+    for (int a : argnums) picked.push_back(grads[a]);
+    return picked;
+  }
+
+  const char* name() const override { return "LatentSwiGLU"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  static void swiglu_range(const float* g, const float* u, float* o, int64_t a, int64_t b) {
+#ifdef LATENT_X86
+    if (has_avx2()) {
+      swiglu_avx2(g, u, o, a, b);
+      return;
+    }
+#endif
+    for (int64_t i = a; i < b; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+
+#ifdef LATENT_X86
+  __attribute__((target("avx2,fma"))) static void swiglu_avx2(
+      const float* g, const float* u, float* o, int64_t a, int64_t b) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = a;
+    for (; i + 8 <= b; i += 8) {
+      const __m256 x = _mm256_loadu_ps(g + i);
+      // sigmoid(x) = 1 / (1 + e^-x), with e^-|x| (always <= 1) so the exp never overflows
+      const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+      const __m256 e = latent_attention::exp_neg(_mm256_sub_ps(_mm256_setzero_ps(), ax));
+      const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, e));  // sigmoid(|x|)
+      // x < 0: e^-|x| / (1 + e^-|x|), not 1 - sigmoid(|x|), which cancels to 0
+      const __m256 sig = _mm256_blendv_ps(pos, _mm256_mul_ps(e, pos), x);
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < b; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+#endif
+};
+
 void check_format(
     const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
     int bits) {
@@ -657,6 +868,37 @@ mx::array qmm_rows(
       {x, packed(w, stream), packed(scales, stream), packed(biases, stream)});
 }
 
+
+mx::array attention(
+    const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
+    mx::StreamOrDevice s) {
+  for (const auto* a : {&q, &k, &v}) {
+    if (a->ndim() != 4 || a->dtype() != mx::float32) {
+      throw std::invalid_argument("[latent attention] q, k, v must be 4-D float32 arrays");
+    }
+  }
+  if (k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0) || k.shape(1) != v.shape(1) ||
+      k.shape(2) != v.shape(2) || q.shape(3) != k.shape(3) || q.shape(1) % k.shape(1) != 0) {
+    throw std::invalid_argument("[latent attention] q, k, v shapes do not fit together");
+  }
+  if (causal && q.shape(2) > k.shape(2)) {
+    throw std::invalid_argument("[latent attention] more queries than keys with a causal mask");
+  }
+  auto stream = cpu_stream(s);
+  auto shape = q.shape();
+  shape.back() = v.shape(3);
+  return mx::array(
+      shape, mx::float32, std::make_shared<CpuAttention>(stream, scale, causal), {q, k, v});
+}
+
+
+mx::array swiglu(const mx::array& g, const mx::array& u, mx::StreamOrDevice s) {
+  if (g.dtype() != mx::float32 || u.dtype() != mx::float32 || g.shape() != u.shape()) {
+    throw std::invalid_argument("[latent swiglu] g and u must be float32 arrays of one shape");
+  }
+  return mx::array(g.shape(), mx::float32, std::make_shared<SwiGLU>(cpu_stream(s)), {g, u});
+}
+
 }  // namespace
 
 NB_MODULE(_latent_cpu, m) {
@@ -675,6 +917,16 @@ NB_MODULE(_latent_cpu, m) {
          int bits) { return dequantize_f32(w, scales, biases, group_size, bits, {}); },
       nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::arg("group_size"),
       nb::arg("bits"), "dequantize(w) as float32");
+  m.def(
+      "attention",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal) {
+        return attention(q, k, v, scale, causal, {});
+      },
+      nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"), nb::arg("causal"),
+      "softmax(q k^T scale [+ causal mask]) v for float32 (B, H, L, D) arrays");
+  m.def(
+      "swiglu", [](const mx::array& g, const mx::array& u) { return swiglu(g, u, {}); },
+      nb::arg("g"), nb::arg("u"), "silu(g) * u for float32 arrays of one shape");
   m.def("num_threads", [] { return pool().size(); }, "threads a kernel call uses");
   m.def(
       "set_num_threads", [](int n) { pool().resize(std::max(1, n)); }, nb::arg("n"),
