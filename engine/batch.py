@@ -385,7 +385,7 @@ class BatchGenerator:
 def _attend_rows(attn: Any, x: mx.array, caches: list, masks: list) -> mx.array:
     """llama `Attention` for B rows of one new token each, row b against `caches[b]`.
 
-    The projections run on all rows at once; RoPE, the cache update and attention run per row
+    Projections and RoPE run on all rows at once; the cache update and attention run per row
     with exactly the shapes a lone request has, so each row's numbers are the lone request's.
     """
     B, L, _ = x.shape
@@ -395,12 +395,19 @@ def _attend_rows(attn: Any, x: mx.array, caches: list, masks: list) -> mx.array:
     if "q_norm" in attn:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L, D)
+    if B > 1 and getattr(attn.rope, "rope_type", None) != "dynamic":
+        # One RoPE call for all rows, each at its own offset (bit-identical to per-row calls;
+        # "dynamic" NTK needs one int offset to pick its base).
+        offsets = mx.array([c.offset for c in caches], dtype=mx.int32)
+        q, k = attn.rope(q, offsets), attn.rope(k, offsets)
+    elif B == 1:
+        q, k = attn.rope(q, caches[0].offset), attn.rope(k, caches[0].offset)
+    else:
+        q = mx.concatenate([attn.rope(q[b : b + 1], c.offset) for b, c in enumerate(caches)])
+        k = mx.concatenate([attn.rope(k[b : b + 1], c.offset) for b, c in enumerate(caches)])
     outs = []
     for b, (cache, mask) in enumerate(zip(caches, masks)):
-        offset = cache.offset
-        qb = attn.rope(q[b : b + 1], offset)
-        kb = attn.rope(k[b : b + 1], offset)
-        kb, vb = cache.update_and_fetch(kb, v[b : b + 1])
-        outs.append(scaled_dot_product_attention(qb, kb, vb, attn.scale, mask))  # (1, H, L, D)
+        kb, vb = cache.update_and_fetch(k[b : b + 1], v[b : b + 1])
+        outs.append(scaled_dot_product_attention(q[b : b + 1], kb, vb, attn.scale, mask))
     out = mx.concatenate(outs, axis=0) if B > 1 else outs[0]  # (B, H, L, D)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -58,7 +58,7 @@ class _Tok:
         return "".join(PIECES[i] for i in ids)
 
 
-def _tiny_llama(seed: int = 0):
+def _tiny_llama(seed: int = 0, **overrides):
     Model, Args = get_model_classes("llama")
     args = Args.from_dict(
         dict(
@@ -73,6 +73,7 @@ def _tiny_llama(seed: int = 0):
             rope_theta=10000.0,
             tie_word_embeddings=False,
         )
+        | overrides
     )
     mx.random.seed(seed)
     model = Model(args)
@@ -139,6 +140,26 @@ def test_greedy_rows_joining_at_different_steps_equal_lone_runs(loaded):
     assert batch.peak_rows >= 4  # the rows really shared forward passes
     for i, (prompt, params) in enumerate(requests):
         assert got[i] == _alone(loaded, prompt, params), f"request {i}"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 24},
+        {"sliding_window": 8},
+        {"qk_norm": True, "attention_bias": True},
+    ],
+    ids=["dynamic-rope", "sliding-window", "qk-norm-bias"],
+)
+def test_llama_variants_batch_exactly(overrides):
+    variant = _tiny_llama(seed=2, **overrides)
+    requests = [
+        (_prompt(n, salt), SamplingParams(temperature=0.0, max_tokens=m))
+        for n, salt, m in [(30, 0, 20), (5, 1, 30), (14, 2, 12)]
+    ]
+    got = _batched(BatchGenerator(variant), requests, join_at=[0, 2, 2])
+    for i, request in enumerate(requests):
+        assert got[i] == _alone(variant, *request), f"request {i}"
 
 
 def test_every_sampling_rule_stays_with_its_row(loaded):
