@@ -4,8 +4,9 @@
 
 1. this machine's limits: copy bandwidth and fp32 matmul GFLOP/s (numpy), hence the decode
    ceiling per weight format (bytes of weights per token ÷ bandwidth);
-2. bench/generate.py: ours (GGUF and fp32) vs mlx-lm (fp32, same weights) and llama.cpp where
-   installed: prefill tok/s, decode tok/s, TTFT, peak RSS, medians of alternating runs;
+2. bench/generate.py: ours (GGUF and fp32) vs mlx-lm (fp32, same weights; and its usual 4-bit
+   `mlx_lm.convert -q` form, 16 new tokens) and llama.cpp (2 threads, where installed: `make
+   bench` installs it): prefill tok/s, decode tok/s, TTFT, peak RSS, medians of alternating runs;
 3. bench/prefix_reuse.py: turn-2 TTFT with a 2,000-token history vs a cold prompt;
 4. bench/profile_decode.py: where one decoded token's milliseconds go;
 5. every other `bench/*.py` script (other areas' benchmarks), its stdout included as is
