@@ -6,6 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SYSDEPS := $(VENV)/.sysdeps
 MODEL   := $(VENV)/.default-model
+LLAMACPP := $(VENV)/.llama-cpp
 PYTEST_ARGS ?=
 
 export QT_QPA_PLATFORM ?= offscreen
@@ -23,8 +24,15 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/li
 test: $(STAMP) $(MODEL)
 	LD_PRELOAD=$(OPENBLAS) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP) $(MODEL)
+bench: $(STAMP) $(MODEL) $(LLAMACPP)
 	$(BIN)/python bench/run_all.py
+
+# llama-cpp-python, for bench/generate.py's llama.cpp comparison only (the app and `make test`
+# do not use it). PyPI has only its source: the first install compiles llama.cpp (slow, niced).
+$(LLAMACPP): $(STAMP)
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || { echo "== building llama-cpp-python (minutes)"; \
+	  CMAKE_ARGS="-DGGML_NATIVE=ON" nice -n 15 $(BIN)/python -m pip install -q llama-cpp-python==0.3.36; } \
+	  && touch $@ || echo "== llama-cpp-python did not install: bench skips llama.cpp"
 
 lint: $(STAMP)
 	$(BIN)/ruff check app engine kernels tests bench
