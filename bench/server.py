@@ -3,11 +3,19 @@
 Each server runs alone (one after the other, so they never share the two cores) and answers the
 same streamed chat requests (greedy, 32 new tokens) from 1 and then 4 concurrent clients.
 Reported per setup: requests/s, generated tokens/s (content chunks counted the same way for
-both), and the median time to first token. Ours serves the GGUF (its form as the app runs it);
-mlx-lm serves the same weights dequantized to fp32 (its fastest form here), with OpenBLAS
-preloaded for both where the machine has it.
+both), and the median time to first token. Ours serves the GGUF (its form as the app runs it),
+batched (the default) and one request at a time (`LATENT_SERVE_BATCH=1`); mlx-lm serves the
+same weights dequantized to fp32 (its fastest form here), with OpenBLAS preloaded for all
+where the machine has it.
+
+`--engine` measures the engine alone, in one process, alternating: four requests decoded one
+after another (`stream_generate`) vs together (`engine.batch.BatchGenerator`), and the cost of
+one decode step for B rows with ragged per-row attention (what engine/batch.py does) vs one
+left-padded cache with a padding mask (the alternative), with each layout's largest logit
+difference from lone decoding.
 
     .venv/bin/python bench/server.py [--requests-per-client 3] [--max-tokens 32] [--write]
+    .venv/bin/python bench/server.py --engine [--reps 5]
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from common import machine_info  # noqa: E402
 from generate import write_fp32_folder  # noqa: E402
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+OURS = "ours (latent serve, GGUF Q4_1, batched)"
+OURS_FIFO = "ours (LATENT_SERVE_BATCH=1: one at a time)"
+PEER = "mlx-lm (mlx_lm.server, fp32)"
 
 
 def _port() -> int:
@@ -60,8 +71,8 @@ def write_tokenizer_files(gguf: str, folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
-def start(cmd: list[str], base: str, cwd: str) -> subprocess.Popen:
-    env = dict(os.environ)
+def start(cmd: list[str], base: str, cwd: str, extra_env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, **(extra_env or {})}
     if Path(OPENBLAS).exists():
         env["LD_PRELOAD"] = OPENBLAS
     # Run outside the repo: its kernels/ folder would shadow the `kernels` package transformers
@@ -125,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
+    ap.add_argument("--engine", action="store_true", help="engine-level batch measurements")
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
+    if args.engine:
+        print(engine_bench(args.reps, args.max_tokens))
+        return 0
 
     from engine.defaults import ensure_default_model
 
@@ -134,32 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = write_fp32_folder(gguf, Path(tmp) / "smollm2-fp32")
         write_tokenizer_files(gguf, fp32)
-        setups = {
-            "ours (latent serve, GGUF Q4_1)": lambda p: [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "serve",
-                "--model",
-                gguf,
-                "--port",
-                str(p),
-            ],
-            "mlx-lm (mlx_lm.server, fp32)": lambda p: [
-                sys.executable,
-                "-m",
-                "mlx_lm",
-                "server",
-                "--model",
-                str(fp32),
-                "--port",
-                str(p),
-            ],
+        ours = [sys.executable, "-m", "app.cli", "serve", "--model", gguf, "--port"]
+        peer = [sys.executable, "-m", "mlx_lm", "server", "--model", str(fp32), "--port"]
+        setups = {  # name: (command without the port, environment)
+            OURS: (ours, {}),
+            OURS_FIFO: (ours, {"LATENT_SERVE_BATCH": "1"}),
+            PEER: (peer, {}),
         }
-        for name, cmd in setups.items():
+        for name, (cmd, env) in setups.items():
             port = _port()
             base = f"http://127.0.0.1:{port}"
-            proc = start(cmd(port), base, tmp)
+            proc = start([*cmd, str(port)], base, tmp, env)
             try:
                 for clients in (1, 4):
                     # mlx_lm.server loads whatever `model` names; ours serves its loaded model.
@@ -171,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
                 proc.wait(30)
 
-    ours = {c: r for n, c, r in rows if n.startswith("ours")}
-    peer = {c: r for n, c, r in rows if n.startswith("mlx-lm")}
+    ours = {c: r for n, c, r in rows if n == OURS}
+    fifo = {c: r for n, c, r in rows if n == OURS_FIFO}
+    peer = {c: r for n, c, r in rows if n == PEER}
     lines = [
         "| server | clients | requests/s | tokens/s | median TTFT (s) |",
         "| --- | --- | --- | --- | --- |",
@@ -182,27 +184,174 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {clients} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} "
             f"| {r['ttft_median_s']:.2f} |"
         )
-    for c in (1, 4):
-        lines.append(
-            f"| ratio ours / mlx-lm | {c} | {ours[c]['requests_per_s'] / peer[c]['requests_per_s']:.2f}x "
-            f"| {ours[c]['tokens_per_s'] / peer[c]['tokens_per_s']:.2f}x "
-            f"| {ours[c]['ttft_median_s'] / peer[c]['ttft_median_s']:.2f}x |"
-        )
+    for label, other in (("mlx-lm", peer), ("ours one at a time", fifo)):
+        for c in (1, 4):
+            lines.append(
+                f"| ratio ours batched / {label} | {c} "
+                f"| {ours[c]['requests_per_s'] / other[c]['requests_per_s']:.2f}x "
+                f"| {ours[c]['tokens_per_s'] / other[c]['tokens_per_s']:.2f}x "
+                f"| {ours[c]['ttft_median_s'] / other[c]['ttft_median_s']:.2f}x |"
+            )
     table = "\n".join(lines)
     print(table)
     if args.write:
         info = machine_info()
         text = (
-            "\n## Local API server: ours vs mlx_lm.server (issue 9)\n\n"
+            f"{SECTION}\n\n"
             f"`.venv/bin/python bench/server.py --write` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"{info.get('cpu', '')}: streamed greedy chat requests, {args.max_tokens} new tokens each, "
             f"{args.requests_per_client} requests per client; each server alone on the machine.\n\n"
             + table
             + "\n"
         )
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(text)
+        write_section(ROOT / "BENCHMARKS.md", text)
     return 0
+
+
+SECTION = "## Local API server: ours vs mlx_lm.server (issue 9)"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this bench's section of BENCHMARKS.md up to its hand-written "Reading:" (or the
+    next section), or append the section when there is none."""
+    doc = path.read_text()
+    start = doc.find(SECTION)
+    if start < 0:
+        path.write_text(doc.rstrip("\n") + "\n\n" + text)
+        return
+    rest = doc[start + len(SECTION) :]
+    ends = [i for i in (rest.find("\nReading:"), rest.find("\n## ")) if i >= 0]
+    end = start + len(SECTION) + (min(ends) if ends else len(rest))
+    path.write_text(doc[:start] + text + doc[end:])
+
+
+# ----------------------------------------------------------------------------- --engine
+
+
+def _padded_step(model, caches: list[list], tokens):
+    """One decode step over a left-padded (B, H, S, D) copy of per-row caches (the layout
+    engine/batch.py does not use): per-row RoPE offsets, a padding mask, the model's own call."""
+    import mlx.core as mx
+
+    class Padded:
+        def __init__(self, rows):
+            n = max(c.offset for c in rows)
+            self.pad = [n - c.offset for c in rows]
+            self.idx = n
+
+            def stack(part):
+                return mx.concatenate(
+                    [mx.pad(part(c), [(0, 0), (0, 0), (n - c.offset, 0), (0, 0)]) for c in rows]
+                )  # (B, H, n, D)
+
+            self.keys = stack(lambda c: c.keys[..., : c.offset, :])
+            self.values = stack(lambda c: c.values[..., : c.offset, :])
+
+        @property
+        def offset(self):
+            return mx.array([self.idx - p for p in self.pad])
+
+        def update_and_fetch(self, k, v):
+            self.keys = mx.concatenate([self.keys, k], axis=2)
+            self.values = mx.concatenate([self.values, v], axis=2)
+            self.idx += k.shape[2]
+            return self.keys, self.values
+
+    layers = [Padded([c[i] for c in caches]) for i in range(len(caches[0]))]
+    mx.eval([(c.keys, c.values) for c in layers])  # the re-layout is not timed
+    keys = mx.arange(layers[0].idx + 1)
+    mask = (keys[None] >= mx.array(layers[0].pad)[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    return lambda: model(tokens, cache=layers, mask=mask)[:, -1, :]
+
+
+def engine_bench(reps: int, max_tokens: int) -> str:
+    """Tokens/s of four requests one after another vs batched, and step cost by layout."""
+    import mlx.core as mx
+
+    import engine
+    from engine.batch import BatchGenerator
+    from engine.defaults import ensure_default_model
+    from engine.generate import stream_generate
+    from engine.sampling import SamplingParams
+
+    loaded = engine.load(str(ensure_default_model(progress=lambda *a: None)))
+    model, tok = loaded.model, loaded.tokenizer
+    batch = BatchGenerator(loaded)
+    prompts = [
+        tok.encode(
+            tok.apply_chat_template(
+                [{"role": "user", "content": f"Tell me fact number {i} about the sea."}]
+            ),
+            add_special_tokens=False,
+        )
+        for i in range(4)
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+    def lone() -> float:
+        t0, n = time.perf_counter(), 0
+        for p in prompts:
+            n += sum(1 for e in stream_generate(loaded, p, params) if not e.done)
+        return n / (time.perf_counter() - t0)
+
+    def together(k: int) -> float:
+        for p in prompts[:k]:
+            batch.submit(p, params)
+        t0, n = time.perf_counter(), 0
+        while not batch.idle:
+            n += sum(1 for _, e in batch.step() if not e.done)
+        return n / (time.perf_counter() - t0)
+
+    runs: dict[str, list[float]] = {}
+    for _ in range(reps):  # alternating, so load changes hit every setup alike
+        for name, fn in (
+            ("lone", lone),
+            ("batch1", lambda: together(1)),
+            ("batch4", lambda: together(4)),
+        ):
+            runs.setdefault(name, []).append(fn())
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    lines = [
+        f"decode, 4 requests x {max_tokens} tokens, median of {reps} (tokens/s):",
+        f"  one after another (stream_generate): {med['lone']:.1f}",
+        f"  BatchGenerator, one request at a time: {med['batch1']:.1f}",
+        f"  BatchGenerator, all four together: {med['batch4']:.1f} ({med['batch4'] / med['lone']:.2f}x)",
+    ]
+
+    def prefilled(p):
+        cache = model.make_cache()
+        model(mx.array(p[:-1])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        return cache
+
+    lines.append(f"one decode step, ms (median of {reps * 3}); max |logit - lone logit|:")
+    for rows in (1, 2, 4):
+        tokens = mx.array([[p[-1]] for p in prompts[:rows]])
+        lone_logits = [
+            model(tokens[b : b + 1], cache=prefilled(prompts[b]))[0, -1] for b in range(rows)
+        ]
+        times: dict[str, list[float]] = {"ragged": [], "padded": []}
+        diffs = {}
+        for _ in range(reps * 3):
+            for name in times:
+                caches = [prefilled(p) for p in prompts[:rows]]
+                if name == "ragged":
+                    run = lambda c=caches, t=tokens: batch._forward(t, c)  # noqa: E731
+                else:
+                    run = _padded_step(model, caches, tokens)
+                t0 = time.perf_counter()
+                logits = run()
+                mx.eval(logits)
+                times[name].append(time.perf_counter() - t0)
+                diffs[name] = max(
+                    mx.abs(logits[b] - lone_logits[b]).max().item() for b in range(rows)
+                )
+        lines.append(
+            f"  B={rows}: ragged {1e3 * statistics.median(times['ragged']):.1f} (max diff "
+            f"{diffs['ragged']:.1e}), padded {1e3 * statistics.median(times['padded']):.1f} "
+            f"(max diff {diffs['padded']:.1e})"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,9 @@ class _Row:
     sampler: Any = None
     procs: list = field(default_factory=list)
     history: mx.array | None = None  # prompt + generated ids, only when procs need them
-    next_id: int = 0  # the token this row feeds at the next decode step
+    feed: mx.array | None = None  # (1,) the token this row feeds at its next decode step
+    produced: int = 0  # tokens sampled, including one still being computed
+    done: bool = False
     generated: list[int] = field(default_factory=list)
     detok: Any = None
     scanner: _StopScanner | None = None
@@ -166,6 +168,7 @@ class BatchGenerator:
         self.max_rows = exact_rows(self.model, max_batch) if exact else max_batch
         self._waiting: deque[_Row] = deque()
         self._rows: list[_Row] = []
+        self._in_flight: list[tuple[_Row, mx.array, mx.array]] = []  # queued, not yet read
         self._next_uid = 0
         self.peak_rows = 0  # the most rows decoded in one step so far
 
@@ -226,11 +229,17 @@ class BatchGenerator:
         """Forget every request (after an error: their caches are not returned)."""
         self._rows.clear()
         self._waiting.clear()
+        self._in_flight = []
 
     # --- one step --------------------------------------------------------------------------
 
     def step(self) -> list[tuple[int, Event]]:
-        """Advance every request by at most one token; returns (request id, Event) in order."""
+        """Advance every request by at most one token; returns (request id, Event) in order.
+
+        Pipelined like `generate_step`: the next forward pass is queued (`mx.async_eval`) before
+        the previous one's tokens are read and turned into events, so the host's work overlaps
+        the model's. A row's first token therefore arrives one call after its prompt is in.
+        """
         out: list[tuple[int, Event]] = []
         self._admit(out)
         for row in list(self._rows):
@@ -240,9 +249,12 @@ class BatchGenerator:
             if row.prefilling:
                 self._prefill_chunk(row)
                 break
-        ready = [r for r in self._rows if not r.prefilling]
-        if ready:
-            self._decode(ready, out)
+        ready = [r for r in self._rows if not r.prefilling and r.produced < r.limit]
+        launched = self._launch(ready) if ready else []
+        for row, y, logprobs in self._in_flight:
+            if not row.done:  # a row that finished meanwhile drops its last computed token
+                self._emit(row, int(y.item()), logprobs, out)
+        self._in_flight = launched
         return out
 
     def _admit(self, out: list) -> None:
@@ -270,7 +282,7 @@ class BatchGenerator:
             row.procs = make_logits_processors(row.params)
             if row.procs:
                 row.history = mx.array(row.ids, dtype=mx.int32)
-            row.next_id = row.ids[-1]
+            row.feed = mx.array(row.ids[-1:], dtype=mx.int32)
             self._rows.append(row)
 
     def _prefill_chunk(self, row: _Row) -> None:
@@ -282,9 +294,10 @@ class BatchGenerator:
         mx.eval([c.state for c in row.cache])
         row.fed = end
 
-    def _decode(self, rows: list[_Row], out: list) -> None:
+    def _launch(self, rows: list[_Row]) -> list[tuple[_Row, mx.array, mx.array]]:
+        """Queue one forward pass for `rows` and their sampling; returns (row, token, logprobs)."""
         self.peak_rows = max(self.peak_rows, len(rows))
-        inputs = mx.array([[r.next_id] for r in rows], dtype=mx.int32)  # (B, 1)
+        inputs = mx.concatenate([r.feed for r in rows])[:, None]  # (B, 1)
         logits = self._forward(inputs, [r.cache for r in rows])  # (B, V)
         picks = []
         for i, row in enumerate(rows):
@@ -292,10 +305,14 @@ class BatchGenerator:
             for p in row.procs:
                 lg = p(row.history, lg)
             logprobs = lg - mx.logsumexp(lg, axis=-1, keepdims=True)
-            picks.append((row.sampler(logprobs), logprobs[0]))
-        mx.eval([y for y, _ in picks])
-        for row, (y, logprobs) in zip(rows, picks):
-            self._emit(row, int(y.item()), y, logprobs, out)
+            y = row.sampler(logprobs)  # (1,)
+            picks.append((row, y, logprobs[0]))
+            row.feed = y
+            row.produced += 1
+            if row.procs:
+                row.history = mx.concatenate([row.history, y])
+        mx.async_eval([a for _, y, lp in picks for a in (y, lp)])
+        return picks
 
     def _forward(self, inputs: mx.array, caches: list[list]) -> mx.array:
         """Logits (B, V) of one new token per row; row b attends over its own `caches[b]`."""
@@ -317,7 +334,7 @@ class BatchGenerator:
 
     # --- events, as stream_generate makes them ---------------------------------------------
 
-    def _emit(self, row: _Row, token: int, y: mx.array, logprobs: mx.array, out: list) -> None:
+    def _emit(self, row: _Row, token: int, logprobs: mx.array, out: list) -> None:
         params, stats = row.params, row.stats
         extra = (
             token_logprobs(self.tokenizer, token, logprobs, params.logprobs)
@@ -343,10 +360,6 @@ class BatchGenerator:
             return
         if stats.generated_tokens >= row.limit:
             self._finish(row, row.limit_reason, out)
-            return
-        row.next_id = token
-        if row.procs:
-            row.history = mx.concatenate([row.history, y])
 
     def _finish(self, row: _Row, reason: str, out: list, flush_only: bool = False) -> None:
         if flush_only:
@@ -362,6 +375,7 @@ class BatchGenerator:
         self._finish_event(row, reason, tail, out)
 
     def _leave(self, row: _Row) -> None:
+        row.done = True
         if row in self._rows:
             self._rows.remove(row)
         if self.prefix_cache is not None and row.cache is not None:
