@@ -283,53 +283,55 @@ def benchmark(
     q4_dtype: str = Q4_DTYPE,
     q4_runs: int = 1,
 ) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="latent-bench-"))
-    fp32 = write_fp32_folder(gguf, tmp / "fp32")
-    ids = prompt_ids(gguf, n_prompt)
-    ids_file = tmp / "ids.json"
-    ids_file.write_text(json.dumps(ids))
-    wanted = set(setups) if setups else set(SETUPS) - {"mlx-lm-fp32-refblas"}
-    if refblas:  # mlx-lm exactly as a user runs it: MLX's bundled reference BLAS
-        wanted.add("mlx-lm-fp32-refblas")
-    if not llama_cpp_available():
-        wanted.discard("llama.cpp")
-    q4 = ""
-    if "mlx-lm-q4" in wanted:
-        print("  mlx-lm-q4: converting (once, cached)", file=sys.stderr, flush=True)
-        q4 = str(mlx_q4_folder(gguf, fp32, q4_dtype))
-    # name -> (worker, weights, OpenBLAS preloaded, new tokens)
-    plan = {
-        "ours-gguf": ("ours", gguf, openblas, n_new),
-        "ours-fp32": ("ours", str(fp32), openblas, n_new),
-        "mlx-lm-fp32": ("mlx-lm", str(fp32), openblas, n_new),
-        "mlx-lm-fp32-refblas": ("mlx-lm", str(fp32), False, n_new),
-        "mlx-lm-q4": ("mlx-lm", q4, openblas, min(n_new, q4_new)),
-        "llama.cpp": ("llama.cpp", gguf, False, n_new),
-    }
-    plan = {k: v for k, v in plan.items() if k in wanted}
-    results: dict[str, list[dict]] = {k: [] for k in plan}
-    for r in range(runs):
-        order = list(plan) if r % 2 == 0 else list(reversed(plan))  # alternate
-        for name in order:
-            if name == "mlx-lm-q4" and r >= q4_runs:
-                continue
-            kind, path, blas, n = plan[name]
-            res = run_worker(kind, path, str(ids_file), n, blas)
-            print(f"  round {r + 1} {name}: {res}", file=sys.stderr, flush=True)
-            results[name].append(res)
-    summary = {}
-    for name, rs in results.items():
-        ok = [x for x in rs if "error" not in x]
-        if not ok:
-            summary[name] = {"error": rs[0].get("error") if rs else "no runs"}
-            continue
-        summary[name] = {
-            k: common.median([x[k] for x in ok])
-            for k in ("ttft_s", "prefill_tps", "decode_tps", "peak_rss_bytes", "weight_bytes")
+    # the fp32 folder (~540 MB) goes when the run does; the 4-bit one is cached for reuse
+    with tempfile.TemporaryDirectory(prefix="latent-bench-") as d:
+        tmp = Path(d)
+        fp32 = write_fp32_folder(gguf, tmp / "fp32")
+        ids = prompt_ids(gguf, n_prompt)
+        ids_file = tmp / "ids.json"
+        ids_file.write_text(json.dumps(ids))
+        wanted = set(setups) if setups else set(SETUPS) - {"mlx-lm-fp32-refblas"}
+        if refblas:  # mlx-lm exactly as a user runs it: MLX's bundled reference BLAS
+            wanted.add("mlx-lm-fp32-refblas")
+        if not llama_cpp_available():
+            wanted.discard("llama.cpp")
+        q4 = ""
+        if "mlx-lm-q4" in wanted:
+            print("  mlx-lm-q4: converting (once, cached)", file=sys.stderr, flush=True)
+            q4 = str(mlx_q4_folder(gguf, fp32, q4_dtype))
+        # name -> (worker, weights, OpenBLAS preloaded, new tokens)
+        plan = {
+            "ours-gguf": ("ours", gguf, openblas, n_new),
+            "ours-fp32": ("ours", str(fp32), openblas, n_new),
+            "mlx-lm-fp32": ("mlx-lm", str(fp32), openblas, n_new),
+            "mlx-lm-fp32-refblas": ("mlx-lm", str(fp32), False, n_new),
+            "mlx-lm-q4": ("mlx-lm", q4, openblas, min(n_new, q4_new)),
+            "llama.cpp": ("llama.cpp", gguf, False, n_new),
         }
-        summary[name]["n"] = len(ok)
-        summary[name]["tokens"] = min(x["tokens"] for x in ok)
-    return {"prompt_tokens": len(ids), "new_tokens": n_new, "runs": runs, "summary": summary}
+        plan = {k: v for k, v in plan.items() if k in wanted}
+        results: dict[str, list[dict]] = {k: [] for k in plan}
+        for r in range(runs):
+            order = list(plan) if r % 2 == 0 else list(reversed(plan))  # alternate
+            for name in order:
+                if name == "mlx-lm-q4" and r >= q4_runs:
+                    continue
+                kind, path, blas, n = plan[name]
+                res = run_worker(kind, path, str(ids_file), n, blas)
+                print(f"  round {r + 1} {name}: {res}", file=sys.stderr, flush=True)
+                results[name].append(res)
+        summary = {}
+        for name, rs in results.items():
+            ok = [x for x in rs if "error" not in x]
+            if not ok:
+                summary[name] = {"error": rs[0].get("error") if rs else "no runs"}
+                continue
+            summary[name] = {
+                k: common.median([x[k] for x in ok])
+                for k in ("ttft_s", "prefill_tps", "decode_tps", "peak_rss_bytes", "weight_bytes")
+            }
+            summary[name]["n"] = len(ok)
+            summary[name]["tokens"] = min(x["tokens"] for x in ok)
+        return {"prompt_tokens": len(ids), "new_tokens": n_new, "runs": runs, "summary": summary}
 
 
 def report(res: dict, limits: dict) -> str:
