@@ -28,6 +28,7 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -54,6 +55,8 @@ namespace {
 // cores are often shared). Workers spin briefly between calls (decode issues ~200 per token),
 // then sleep.
 
+std::atomic<bool> forked_child{false};
+
 class Pool {
  public:
   explicit Pool(int n_threads) { resize(n_threads); }
@@ -74,6 +77,11 @@ class Pool {
   }
 
   void run(int n_chunks, const std::function<void(int)>& fn) {
+    // In a forked child the workers are gone and the mutexes may be held: run inline.
+    if (forked_child.load(std::memory_order_relaxed)) {
+      for (int c = 0; c < n_chunks; ++c) fn(c);
+      return;
+    }
     // A second caller (another stream or thread) runs its work inline instead of waiting.
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
     if (!busy.owns_lock() || n_workers_ == 0 || n_chunks <= 1) {
@@ -171,6 +179,11 @@ int default_threads() {
 
 Pool& pool() {
   static Pool p(default_threads());
+  static const bool registered = [] {
+    pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); });
+    return true;
+  }();
+  (void)registered;
   return p;
 }
 
