@@ -42,6 +42,7 @@ def profile(model_path: str, context: int, iters: int) -> list[tuple[str, float,
 
     import engine
     from engine.blas import openblas_loaded, use_blas_prefill
+    from engine.layers.attention import scaled_dot_product_attention as sdpa
 
     loaded = engine.load(model_path)
     model = loaded.model
@@ -59,6 +60,10 @@ def profile(model_path: str, context: int, iters: int) -> list[tuple[str, float,
         return out
 
     rows = [("full decode step", _time(full_step, iters), _nbytes(model))]
+    t = time.perf_counter()
+    for _ in range(iters):
+        full_step()  # graph only, never evaluated
+    build_ms = (time.perf_counter() - t) / iters * 1000
     inner = model.model
     layer = inner.layers[0]
     attn = layer.self_attn
@@ -70,7 +75,7 @@ def profile(model_path: str, context: int, iters: int) -> list[tuple[str, float,
     pieces = [
         ("q/k/v/o projections", lambda: [p(x if p is not attn.o_proj else mx.random.normal((1, 1, attn.n_heads * attn.head_dim))) for p in projections],
          sum(_nbytes(p) for p in projections)),
-        ("attention over cache", lambda: mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=attn.scale), k_cache.nbytes + v_cache.nbytes),
+        ("attention over cache", lambda: sdpa(q, k_cache, v_cache, attn.scale), k_cache.nbytes + v_cache.nbytes),
         ("MLP", lambda: layer.mlp(x), _nbytes(layer.mlp)),
         ("2 RMSNorms + RoPE", lambda: [layer.input_layernorm(x), layer.post_attention_layernorm(x), attn.rope(q, context)], 0),
     ]  # fmt: skip
@@ -80,6 +85,7 @@ def profile(model_path: str, context: int, iters: int) -> list[tuple[str, float,
     head = inner.embed_tokens.as_linear if "lm_head" not in model else model.lm_head
     head_bytes = _nbytes(inner.embed_tokens if "lm_head" not in model else model.lm_head)
     rows.append(("LM head", _time(lambda: head(x), iters), head_bytes))
+    rows.append(("building the graph in Python (overlaps the previous step)", build_ms, 0))
     logits = head(x)
     mx.eval(logits)
     rows.append(("sampling (argmax)", _time(lambda: mx.argmax(logits), iters), 0))
