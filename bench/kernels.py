@@ -4,6 +4,7 @@ SmolLM2-135M stored as fp32 / q8 / q4 / fp8 (fp8 per-call and cached) / the ship
 
     .venv/bin/python bench/kernels.py                    # everything (CPU: ~3 min on 2 cores)
     .venv/bin/python bench/kernels.py --only dequant     # just the GB/s table
+    .venv/bin/python bench/kernels.py --only cpu         # our CPU kernels vs MLX's CPU ops
     .venv/bin/python bench/kernels.py --json out.json    # also write the numbers
 
 On a Mac the same command measures the Metal kernels (MLX picks the GPU by default); on an
@@ -281,6 +282,72 @@ def decode_speed(tokens: int = 48, workdir: Path | None = None) -> list[dict]:
     return rows
 
 
+def cpu_kernels() -> list[dict]:
+    """Our CPU kernels (latent_kernels.cpu) vs the MLX ops they replace, on SmolLM2-135M shapes,
+    alternating within one process; the kernels at 1 thread and at this machine's default."""
+    from latent_kernels import cpu
+
+    k = cpu.load()
+    if k is None:
+        return [{"op": f"CPU kernels not built: {cpu.load_error()}"}]
+    mx.random.seed(0)
+    rows = []
+    default_threads = k.num_threads()
+
+    def add(op: str, mlx_fn, ours_fn, nbytes: int) -> None:
+        t_mlx = _time(mlx_fn, repeat=9)
+        row = {"op": op, "MLX ms": f"{t_mlx * 1e3:.3f}"}
+        for n in sorted({1, default_threads}):
+            k.set_num_threads(n)
+            t = _time(ours_fn, repeat=9)
+            row[f"ours {n}T ms"] = f"{t * 1e3:.3f}"
+            row[f"ours {n}T speed-up"] = f"{t_mlx / t:.1f}x"
+        k.set_num_threads(default_threads)
+        if nbytes:
+            row["ours GB/s"] = f"{nbytes / t / 1e9:.1f}"
+        rows.append(row)
+
+    def quantized(n: int, kk: int, bits: int):
+        w, s, b = mx.quantize(mx.random.normal((n, kk)), 32, bits)
+        mx.eval(w, s, b)
+        return w, s, b, w.nbytes + s.nbytes + b.nbytes
+
+    def qmm(x, w, s, b, bits):
+        return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=32, bits=bits)
+
+    w4, s4, b4, n4 = quantized(1536, 576, 4)
+    w8, s8, b8, n8 = quantized(49152, 576, 8)
+    x1, x4 = mx.random.normal((1, 576)), mx.random.normal((4, 576))
+    add("Q4 matvec 1536x576 (MLP)", lambda: qmm(x1, w4, s4, b4, 4),
+        lambda: k.qmm_rows(x1, w4, s4, b4, 32, 4), n4)  # fmt: skip
+    add("Q4 1536x576, 4 rows (draft check / batch)", lambda: qmm(x4, w4, s4, b4, 4),
+        lambda: k.qmm_rows(x4, w4, s4, b4, 32, 4), n4)  # fmt: skip
+    add("Q8 matvec 49152x576 (tied LM head)", lambda: qmm(x1, w8, s8, b8, 8),
+        lambda: k.qmm_rows(x1, w8, s8, b8, 32, 8), n8)  # fmt: skip
+    add("dequantize Q4 1536x576 to fp32", lambda: mx.dequantize(w4, s4, b4, 32, 4),
+        lambda: k.dequantize_f32(w4, s4, b4, 32, 4), 0)  # fmt: skip
+    q = mx.random.normal((1, 9, 512, 64))
+    kv = mx.random.normal((1, 3, 512, 64))
+    mx.eval(q, kv)
+    add(
+        "causal attention, 512-token chunk (9 q / 3 kv heads)",
+        lambda: mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.125, mask="causal"),
+        lambda: k.attention(q, kv, kv, 0.125, True),
+        0,
+    )
+    q1 = q[:, :, :1]
+    add(
+        "attention, 1 token over 512 cached",
+        lambda: mx.fast.scaled_dot_product_attention(q1, kv, kv, scale=0.125),
+        lambda: k.attention(q1, kv, kv, 0.125, False),
+        0,
+    )
+    g, u = mx.random.normal((1, 512, 1536)), mx.random.normal((1, 512, 1536))
+    mx.eval(g, u)
+    add("SwiGLU 512x1536", lambda: g * mx.sigmoid(g) * u, lambda: k.swiglu(g, u), 0)
+    return rows
+
+
 def _print_table(title: str, rows: list[dict]) -> None:
     print(f"\n## {title}")
     if not rows:
@@ -294,7 +361,7 @@ def _print_table(title: str, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("bytes", "dequant", "memory", "decode"))
+    p.add_argument("--only", choices=("bytes", "dequant", "cpu", "memory", "decode"))
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--size", type=int, default=4096, help="dequant matrix side (default 4096)")
     p.add_argument("--workdir", help="where converted models are kept between runs")
@@ -309,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "dequant"):
         results["dequant"] = dequant_throughput(args.size, args.size)
         _print_table(f"Dequantization, {args.size}x{args.size}", results["dequant"])
+    if args.only in (None, "cpu"):
+        results["cpu"] = cpu_kernels()
+        _print_table(
+            "CPU kernels vs the MLX ops they replace (SmolLM2-135M shapes)", results["cpu"]
+        )
     if args.only in (None, "memory"):
         results["memory"] = memory_vs_mlx_lm(Path(args.workdir) if args.workdir else None)
         _print_table("fp8 DeepSeek-V3-shaped checkpoint: parameter bytes held", results["memory"])
