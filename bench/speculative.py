@@ -1,11 +1,15 @@
 """Speculative decoding benchmark: plain greedy decode vs draft-and-verify, same target.
 
     python bench/speculative.py [--model GGUF] [--runs 2] [--new-tokens 64]
-                                [--num-draft 2 3 4 5 6] [--targets fp32 gguf] [--quick]
+                                [--num-draft 2 3 4 5 6] [--targets fp32 gguf]
+                                [--drafts gguf q4g64] [--quick]
 
 Target `fp32`: SmolLM2-135M-Instruct as an fp32 safetensors folder dequantized from the GGUF
-(bench/generate.py's `write_fp32_folder`); target `gguf`: the GGUF itself. The draft is always
-the Q4_1 GGUF, a 4-bit copy of the same weights, so it agrees with the target most of the time.
+(bench/generate.py's `write_fp32_folder`); target `gguf`: the GGUF itself. Drafts: `gguf`, the
+Q4_1 GGUF: the fp32 target's weights are its exact dequantization, so the two differ only by
+rounding in the matmuls and agree almost always; `q8g32` and `q4g64`: the fp32 weights
+re-quantized to MLX affine 8-bit (groups of 32) and 4-bit (groups of 64), copies that are not
+the target (teacher-forced top-1 agreement with it here: ~98% and ~60%).
 All in one process: per prompt and round, plain and every num_draft run back to back in an
 order that alternates between rounds (the machine is shared: only ratios within one run mean
 much). Each run decodes exactly `new-tokens` greedy tokens (EOS does not stop it) through
@@ -79,37 +83,61 @@ def run_spec(model, draft, ids, n, k):
     return tokens, tps, counts
 
 
-def benchmark(gguf: str, targets, num_drafts, runs: int, n_new: int) -> dict:
+REQUANT = {"q8g32": (32, 8), "q4g64": (64, 4)}  # draft name -> (group size, bits)
+
+
+def requantized(folder: Path, gguf: str, group_size: int, bits: int):
+    """The fp32 folder re-quantized to MLX affine `bits` in groups of `group_size`."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    import engine
+    from engine.tokenizer import Tokenizer
+
+    loaded = engine.load(str(folder))
+    nn.quantize(loaded.model, group_size=group_size, bits=bits)
+    mx.eval(loaded.model.parameters())
+    loaded.tokenizer = Tokenizer.from_path(gguf)
+    return loaded
+
+
+def benchmark(gguf: str, targets, drafts, num_drafts, runs: int, n_new: int) -> dict:
     import generate  # bench/generate.py: the fp32 folder helper
 
     import engine
     from engine.speculative import check_draft
     from engine.tokenizer import Tokenizer
 
-    draft = engine.load(gguf)
-    tokenizer = draft.tokenizer
+    folder = generate.write_fp32_folder(gguf, Path(tempfile.mkdtemp(prefix="latent-spec-")))
+    draft_models = {}
+    if "gguf" in drafts:
+        draft_models["gguf"] = engine.load(gguf)
+    for name, (group, bits) in REQUANT.items():
+        if name in drafts:
+            draft_models[name] = requantized(folder, gguf, group, bits)
+    tokenizer = Tokenizer.from_path(gguf)
     prompts = chat_prompts(tokenizer)
     loaded = {}
     if "fp32" in targets:
-        folder = generate.write_fp32_folder(gguf, Path(tempfile.mkdtemp(prefix="latent-spec-")))
         loaded["fp32"] = engine.load(str(folder))
-        loaded["fp32"].tokenizer = Tokenizer.from_path(gguf)  # the folder holds weights only
+        loaded["fp32"].tokenizer = tokenizer  # the folder holds weights only
     if "gguf" in targets:
         loaded["gguf"] = engine.load(gguf)
     for t in loaded.values():
-        check_draft(t, draft)
+        for d in draft_models.values():
+            check_draft(t, d)
     # Warm-up (first calls allocate and pick kernels), not timed.
     for t in loaded.values():
         run_plain(t.model, prompts[0], 4)
-        run_spec(t.model, draft.model, prompts[0], 6, 2)
-    run_plain(draft.model, prompts[0], 4)
+        for d in draft_models.values():
+            run_spec(t.model, d.model, prompts[0], 6, 2)
 
     results: dict = {}
     for tname, target in loaded.items():
-        setups = ["plain", *[f"k={k}" for k in num_drafts]]
+        setups = ["plain"] + [f"{d} k={k}" for d in draft_models for k in num_drafts]
         rows = {s: {"tps": [], "ratio": [], "acc": [], "prop": [], "rounds": [], "same": True}
                 for s in setups}  # fmt: skip
-        draft_tps = []
+        draft_tps: dict[str, list[float]] = {d: [] for d in draft_models}
         for r in range(runs):
             for pi, ids in enumerate(prompts):
                 order = setups if (r + pi) % 2 == 0 else list(reversed(setups))
@@ -118,8 +146,11 @@ def benchmark(gguf: str, targets, num_drafts, runs: int, n_new: int) -> dict:
                     if s == "plain":
                         got[s] = run_plain(target.model, ids, n_new)
                     else:
-                        got[s] = run_spec(target.model, draft.model, ids, n_new, int(s[2:]))
-                draft_tps.append(run_plain(draft.model, ids, n_new)[1])
+                        dname, k = s.split(" k=")
+                        d = draft_models[dname].model
+                        got[s] = run_spec(target.model, d, ids, n_new, int(k))
+                for dname, d in draft_models.items():
+                    draft_tps[dname].append(run_plain(d.model, ids, n_new)[1])
                 ref, base = got["plain"][0], got["plain"][1]
                 for s, (tokens, tps, counts) in got.items():
                     row = rows[s]
@@ -132,7 +163,10 @@ def benchmark(gguf: str, targets, num_drafts, runs: int, n_new: int) -> dict:
                         row["rounds"].append(counts.rounds)
                 print(f"  {tname} round {r + 1} prompt {pi + 1}: " + ", ".join(
                     f"{s} {got[s][1]:.1f}" for s in setups), file=sys.stderr, flush=True)  # fmt: skip
-        results[tname] = {"rows": rows, "draft_tps": common.median(draft_tps)}
+        results[tname] = {
+            "rows": rows,
+            "draft_tps": {d: common.median(v) for d, v in draft_tps.items()},
+        }
     return {
         "results": results,
         "runs": runs,
@@ -148,12 +182,13 @@ def report(res: dict) -> str:
         "prompts x rounds; ratio = speculative / plain decode tok/s in the same round",
     ]
     for tname, r in res["results"].items():
+        alone = ", ".join(f"{d} {v:.1f}" for d, v in r["draft_tps"].items())
         lines += [
             "",
-            f"Target {tname}, draft Q4_1 GGUF (draft alone decodes {r['draft_tps']:.1f} tok/s):",
+            f"Target {tname} (drafts alone decode at tok/s: {alone}):",
             "",
-            "| setup | decode tok/s | ratio to plain | acceptance | tokens per target pass "
-            "| tokens = plain greedy |",
+            "| draft, num_draft | decode tok/s | ratio to plain | acceptance | tokens per target "
+            "pass | tokens = plain greedy |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for s, row in r["rows"].items():
@@ -170,6 +205,9 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+DRAFTS = ["gguf", *REQUANT]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="GGUF file (default: the default model)")
@@ -177,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--num-draft", type=int, nargs="*", default=[2, 3, 4, 5, 6])
     ap.add_argument("--targets", nargs="*", default=["fp32"], choices=["fp32", "gguf"])
+    ap.add_argument("--drafts", nargs="*", default=DRAFTS, choices=DRAFTS)
     ap.add_argument("--quick", action="store_true", help="a smoke run, not numbers to quote")
     args = ap.parse_args(argv)
     from engine.defaults import ensure_default_model
@@ -185,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.runs, args.new_tokens, args.num_draft = 1, 12, [3]
     info = common.machine_info()
-    res = benchmark(gguf, args.targets, args.num_draft, args.runs, args.new_tokens)
+    res = benchmark(gguf, args.targets, args.drafts, args.num_draft, args.runs, args.new_tokens)
     load = info["load_avg"]
     print(f"load average at start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; git {info['git']}")
     print(report(res))
