@@ -111,7 +111,8 @@ def test_concurrent_requests_share_steps_and_equal_lone_replies(engine, batched)
     assert "batched" in runner.describe()
 
     def ask(i: int) -> str:
-        time.sleep(0.6 * i)  # later requests join a batch already decoding
+        # later requests join a batch already decoding (the first decodes for ~0.3 s at least)
+        time.sleep(0.12 * i)
         path, body = REQUESTS[i]
         return _stream(base, path, {**body, "temperature": 0})
 
