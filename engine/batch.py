@@ -52,6 +52,7 @@ from engine.generate import (
     token_logprobs,
 )
 from engine.layers.attention import create_attention_mask, scaled_dot_product_attention
+from engine.quant.cpu import log_softmax
 from engine.sampling import SamplingParams, make_logits_processors, sampler_for
 
 DEFAULT_MAX_BATCH = 8
@@ -304,7 +305,7 @@ class BatchGenerator:
             lg = logits[i : i + 1]  # (1, V): the same ops generate_step runs on its (1, V)
             for p in row.procs:
                 lg = p(row.history, lg)
-            logprobs = lg - mx.logsumexp(lg, axis=-1, keepdims=True)
+            logprobs = log_softmax(lg)
             y = row.sampler(logprobs)  # (1,)
             picks.append((row, y, logprobs[0]))
             row.feed = y

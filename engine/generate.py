@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from engine.blas import use_blas_prefill
 from engine.errors import ContextLengthError, LatentError
+from engine.quant.cpu import log_softmax
 from engine.sampling import (
     LogitsProcessor,
     Sampler,
@@ -151,7 +152,7 @@ def generate_step(
         logits = model(tokens[None], cache=cache)[:, -1, :]  # (1, V)
         for p in procs:
             logits = p(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(logits)
         return sampler(logprobs), logprobs[0]
 
     y, logprobs = step(to_feed[pos:])

@@ -31,6 +31,7 @@ import mlx.core as mx
 
 from engine.blas import use_blas_prefill
 from engine.errors import LatentError
+from engine.quant.cpu import log_softmax
 from engine.sampling import SamplingParams, filter_logits, make_logits_processors
 
 DEFAULT_NUM_DRAFT = 4
@@ -229,7 +230,7 @@ def speculative_generate_step(
             if greedy:
                 d = mx.argmax(logits, axis=-1)
             else:
-                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                logprobs = log_softmax(logits)
                 x, q = dist(logprobs)
                 d = mx.random.categorical(x, axis=-1, key=rng())
                 qs.append(q)
@@ -253,7 +254,7 @@ def speculative_generate_step(
                 for j in range(k + 1)
             ]
             logits = mx.concatenate(rows, axis=0)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (k+1, V)
+        logprobs = log_softmax(logits)  # (k+1, V)
         dvec = mx.concatenate(drafts) if drafts else mx.zeros((0,), dtype=mx.int32)  # (k,)
 
         # 3. Acceptance, all positions at once; the host only finds the first rejection.

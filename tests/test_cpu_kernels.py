@@ -267,3 +267,62 @@ def test_swiglu_matches_float64_reference_and_has_gradients():
     want_g = mx.grad(lambda g, u: (g * mx.sigmoid(g) * u).sum(), argnums=(0, 1))(g, u)
     for a, b in zip(grads, want_g):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6)
+
+
+def test_rms_norm_matches_float64_reference():
+    x = mx.random.normal((2, 3, 576)) * 3
+    w = mx.random.normal((576,))
+    xn, wn = np.array(x).astype(np.float64), np.array(w).astype(np.float64)
+    want = xn / np.sqrt((xn**2).mean(-1, keepdims=True) + 1e-5) * wn
+    np.testing.assert_allclose(np.array(K.rms_norm(x, w, 1e-5)), want, rtol=1e-5, atol=1e-5)
+
+
+def rope_np(x, dims, traditional, periods, scale, offsets):
+    """float64 rotary embedding; offsets: one start position per batch row."""
+    x = np.array(x).astype(np.float64)
+    out = x.copy()
+    half = dims // 2
+    L = x.shape[2]
+    for b, off in enumerate(offsets):
+        theta = ((off + np.arange(L))[:, None] * scale) / np.array(periods)[None, :]  # (L, half)
+        c, s = np.cos(theta), np.sin(theta)
+        i1 = np.arange(half) * 2 if traditional else np.arange(half)
+        i2 = i1 + 1 if traditional else i1 + half
+        x1, x2 = x[b][..., i1], x[b][..., i2]
+        out[b][..., i1] = x1 * c - x2 * s
+        out[b][..., i2] = x1 * s + x2 * c
+    return out
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims", [64, 32])
+def test_rope_matches_float64_reference_and_mlx(traditional, dims):
+    from engine.layers.rope import default_periods
+
+    periods = default_periods(dims, 10000.0)
+    x = mx.random.normal((2, 5, 9, 64)).transpose(0, 2, 1, 3)  # (B, H, L, D), strided view
+    got = K.rope(x, dims, traditional, periods, 0.5, 40)
+    want = rope_np(x, dims, traditional, periods, 0.5, [40, 40])
+    np.testing.assert_allclose(np.array(got), want, atol=2e-5)
+    mlx = mx.fast.rope(x, dims, traditional=traditional, base=None, scale=0.5, offset=40,
+                       freqs=periods)  # fmt: skip
+    np.testing.assert_allclose(np.array(got), np.array(mlx), atol=2e-6)
+    rows = mx.array([3, 17], dtype=mx.int32)  # batch rows at their own positions
+    got_rows = K.rope(x, dims, traditional, periods, 0.5, 0, rows)
+    np.testing.assert_allclose(
+        np.array(got_rows), rope_np(x, dims, traditional, periods, 0.5, [3, 17]), atol=2e-5
+    )
+    g = mx.grad(lambda x: (K.rope(x, dims, traditional, periods, 0.5, 40) ** 2).sum())(x)
+    g_mlx = mx.grad(lambda x: (mx.fast.rope(x, dims, traditional=traditional, base=None,
+                                            scale=0.5, offset=40, freqs=periods) ** 2).sum())(x)  # fmt: skip
+    np.testing.assert_allclose(np.array(g), np.array(g_mlx), atol=1e-5)
+
+
+def test_log_softmax_matches_float64_reference():
+    x = mx.random.normal((2, 49152)) * 6
+    xn = np.array(x).astype(np.float64)
+    m = xn.max(-1, keepdims=True)
+    want = xn - m - np.log(np.exp(xn - m).sum(-1, keepdims=True))
+    got = np.array(K.log_softmax(x))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    assert abs(np.exp(got.astype(np.float64)).sum(-1) - 1).max() < 1e-5

@@ -3,7 +3,8 @@
 Variants, read from a Hugging Face config (`rope_scaling` in older configs, `rope_parameters` in
 transformers 5, which also holds `rope_theta`): default, linear, llama3, dynamic (NTK), YaRN.
 Two layouts: half-split (`traditional=False`, HF llama's `rotate_half`) and interleaved pairs
-(`traditional=True`, the original paper / GGML). Rotation runs through `mx.fast.rope`; variants
+(`traditional=True`, the original paper / GGML). Rotation runs through `mx.fast.rope` (our CPU
+kernel on the CPU, engine/quant/cpu.py); variants
 only differ in the per-pair frequencies, a position scale, and (YaRN) a magnitude factor.
 
 This module does not know about attention or caches: callers pass the position `offset`.
@@ -11,11 +12,15 @@ This module does not know about attention or caches: callers pass the position `
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+from engine.quant.cpu import cpu_kernels_for
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 
@@ -109,6 +114,12 @@ def yarn_inv_freq(dims: int, base: float, params: dict[str, Any], max_pos: int |
     return interp * (1 - keep) + extrap * keep
 
 
+@functools.lru_cache(maxsize=64)
+def default_periods(dims: int, base: float) -> mx.array:
+    """Per-pair periods base^(2i/dims) of the default RoPE (what mx.fast.rope derives from base)."""
+    return mx.array(base ** (np.arange(0, dims, 2, dtype=np.float64) / dims), dtype=mx.float32)
+
+
 class RoPE(nn.Module):
     """Applies RoPE to (B, H, L, D) tensors at positions offset..offset+L-1.
 
@@ -163,6 +174,22 @@ class RoPE(nn.Module):
         if self.mscale != 1.0:
             # rotation is linear, so scaling the input equals HF's scaling of cos and sin
             x = x * self.mscale
+        # an int offset, or one per batch row (int32, (B,)); "dynamic" needs an int
+        per_row = isinstance(offset, mx.array) and offset.ndim == 1 and offset.dtype == mx.int32
+        usable = isinstance(offset, int) or (per_row and self.rope_type != "dynamic")
+        kern = cpu_kernels_for(x) if usable and x.ndim == 4 else None
+        if kern is not None:
+            # one primitive instead of MLX's composed CPU graph (~60 us a call here)
+            if self._periods is not None:
+                periods = self._periods
+            else:
+                base = self.base
+                if self.rope_type == "dynamic":
+                    base = self._dynamic_base(int(offset) + x.shape[-2])
+                periods = default_periods(self.dims, base)
+            if per_row:
+                return kern.rope(x, self.dims, self.traditional, periods, self.scale, 0, offset)
+            return kern.rope(x, self.dims, self.traditional, periods, self.scale, offset)
         if self._periods is not None:
             return mx.fast.rope(
                 x,
