@@ -1,7 +1,8 @@
 """Local API throughput: `latent serve` vs `mlx_lm.server` on SmolLM2-135M-Instruct, one run.
 
-Each server runs alone (one after the other, so they never share the two cores) and answers the
-same streamed chat requests (greedy, 32 new tokens) from 1 and then 4 concurrent clients.
+Each server answers the same streamed chat requests (greedy, 32 new tokens) from 1 and then 4
+concurrent clients; all servers are up at once but only one is asked at a time, in rounds that
+alternate between them (medians over rounds), so a busy machine slows every setup alike.
 Reported per setup: requests/s, generated tokens/s (content chunks counted the same way for
 both), and the median time to first token. Ours serves the GGUF (its form as the app runs it),
 batched (the default) and one request at a time (`LATENT_SERVE_BATCH=1`); mlx-lm serves the
@@ -14,7 +15,7 @@ one decode step for B rows with ragged per-row attention (what engine/batch.py d
 left-padded cache with a padding mask (the alternative), with each layout's largest logit
 difference from lone decoding.
 
-    .venv/bin/python bench/server.py [--requests-per-client 3] [--max-tokens 32] [--write]
+    .venv/bin/python bench/server.py [--requests-per-client 3] [--max-tokens 32] [--rounds 2] [--write]
     .venv/bin/python bench/server.py --engine [--reps 5]
 """
 
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
     ap.add_argument("--engine", action="store_true", help="engine-level batch measurements")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (medians)")
+    ap.add_argument("--reps", type=int, default=5, help="--engine: repetitions")
     args = ap.parse_args(argv)
     if args.engine:
         print(engine_bench(args.reps, args.max_tokens))
@@ -157,20 +159,38 @@ def main(argv: list[str] | None = None) -> int:
             OURS_FIFO: (ours, {"LATENT_SERVE_BATCH": "1"}),
             PEER: (peer, {}),
         }
-        for name, (cmd, env) in setups.items():
-            port = _port()
-            base = f"http://127.0.0.1:{port}"
-            proc = start([*cmd, str(port)], base, tmp, env)
-            try:
+        # All servers up at once (idle ones cost no CPU), then rounds that alternate between
+        # them, so a load change on the machine hits every setup alike; medians over rounds.
+        procs, bases = [], {}
+        try:
+            for name, (cmd, env) in setups.items():
+                port = _port()
+                bases[name] = f"http://127.0.0.1:{port}"
+                procs.append(start([*cmd, str(port)], bases[name], tmp, env))
+            runs: dict[tuple[str, int], list[dict]] = {}
+            names = list(setups)
+            for r in range(args.rounds):
                 for clients in (1, 4):
-                    # mlx_lm.server loads whatever `model` names; ours serves its loaded model.
-                    model = str(fp32) if name.startswith("mlx-lm") else "default"
-                    res = load_test(base, clients, args.requests_per_client, args.max_tokens, model)
-                    rows.append((name, clients, res))
-                    print(name, clients, res, flush=True)
-            finally:
+                    # each round starts at another setup, so none always follows the same one
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        time.sleep(2)  # let the previous server's last work drain
+                        # mlx_lm.server loads whatever `model` names; ours serves its own model.
+                        model = str(fp32) if name == PEER else "default"
+                        res = load_test(
+                            bases[name], clients, args.requests_per_client, args.max_tokens, model
+                        )
+                        runs.setdefault((name, clients), []).append(res)
+                        print(name, clients, res, flush=True)
+        finally:
+            for proc in procs:
                 proc.terminate()
                 proc.wait(30)
+        for clients in (1, 4):
+            for name in setups:
+                got = runs[(name, clients)]
+                rows.append(
+                    (name, clients, {k: statistics.median(r[k] for r in got) for k in got[0]})
+                )
 
     ours = {c: r for n, c, r in rows if n == OURS}
     fifo = {c: r for n, c, r in rows if n == OURS_FIFO}
@@ -200,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{SECTION}\n\n"
             f"`.venv/bin/python bench/server.py --write` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"{info.get('cpu', '')}: streamed greedy chat requests, {args.max_tokens} new tokens each, "
-            f"{args.requests_per_client} requests per client; each server alone on the machine.\n\n"
+            f"{args.requests_per_client} requests per client, medians of {args.rounds} alternating rounds.\n\n"
             + table
             + "\n"
         )
