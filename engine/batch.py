@@ -13,16 +13,16 @@ Rows are ragged: each keeps its own per-layer cache (its own length, its own pre
 entry), the embedding, norms, projections, MLP and LM head run on the stacked (B, 1, hidden)
 rows, and only attention runs row by row against that row's cache. Measured against the
 alternative (one left-padded (B, H, S, D) cache with per-row RoPE offsets and a padding mask):
-padding changed padded rows' logits by up to 1e-4 (the softmax and value sums over padded keys
-reduce in another order), while per-row attention gives logits bit-identical to a lone request.
-Attention is a small part of a step, so the ragged form costs no measurable time.
+padding moved logits by up to 5e-5 (the softmax and value sums over padded keys reduce in
+another order), per-row attention moves them by 0, and both cost the same per step here
+(`bench/server.py --engine`).
 
 Exactness: a row's result equals the same request decoded alone as long as the linear layers
 compute each row of a (B, 1, hidden) input as they compute a (1, 1, hidden) one. That holds for
-MLX's quantized matmul, not for the dequantize + GEMM path (engine/blas.py) that takes over from
-a few rows on, so `exact_rows` probes the model's own layers once and caps the batch below the
-first row count that changes a row's result. Sampling, penalties and seeds are per row, so
-seeded sampling reproduces too.
+the per-row quantized kernels (engine/quant/cpu.py, MLX's quantized matmul), not for the
+dequantize + GEMM path that takes over from `PREFILL_MIN_ROWS` rows, so `exact_rows` probes the
+model's own layers once and caps the batch below the first row count that changes a row's
+result. Sampling, penalties and seeds are per row, so seeded sampling reproduces too.
 
 The llama family (llama, mistral, qwen2, qwen3, SmolLM2: `engine.models.llama` decoder layers) is
 supported; `batch_unsupported(model)` says why another model is not (its callers serve it one
