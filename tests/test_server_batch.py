@@ -84,7 +84,7 @@ REQUESTS = [
             "messages": [
                 {"role": "user", "content": "Describe a lighthouse on a stormy night in detail."}
             ],
-            "max_tokens": 14,
+            "max_tokens": 48,
         },
     ),
     ("/v1/completions", {"prompt": "The three primary colours are", "max_tokens": 12}),
@@ -111,8 +111,8 @@ def test_concurrent_requests_share_steps_and_equal_lone_replies(engine, batched)
     assert "batched" in runner.describe()
 
     def ask(i: int) -> str:
-        # later requests join a batch already decoding (the first decodes for ~0.3 s at least)
-        time.sleep(0.12 * i)
+        # 0 and 1 start together; 2 and 3 join while request 1 (48 tokens) is still decoding
+        time.sleep((0.0, 0.0, 0.15, 0.3)[i])
         path, body = REQUESTS[i]
         return _stream(base, path, {**body, "temperature": 0})
 
