@@ -345,6 +345,24 @@ def cpu_kernels() -> list[dict]:
     g, u = mx.random.normal((1, 512, 1536)), mx.random.normal((1, 512, 1536))
     mx.eval(g, u)
     add("SwiGLU 512x1536", lambda: g * mx.sigmoid(g) * u, lambda: k.swiglu(g, u), 0)
+    from engine.layers.rope import default_periods
+
+    per = default_periods(64, 100000.0)
+    add(
+        "RoPE, one token (9 heads x 64)",
+        lambda: mx.fast.rope(
+            q1, 64, traditional=False, base=None, scale=1.0, offset=700, freqs=per
+        ),  # fmt: skip
+        lambda: k.rope(q1, 64, False, per, 1.0, 700),
+        0,
+    )
+    h, wn = mx.random.normal((1, 1, 576)), mx.random.normal((576,))
+    add("RMSNorm, one token (576)", lambda: mx.fast.rms_norm(h, wn, 1e-5),
+        lambda: k.rms_norm(h, wn, 1e-5), 0)  # fmt: skip
+    logits = mx.random.normal((1, 49152))
+    add("log-softmax of one step's logits (49,152)",
+        lambda: logits - mx.logsumexp(logits, axis=-1, keepdims=True),
+        lambda: k.log_softmax(logits), 0)  # fmt: skip
     return rows
 
 
