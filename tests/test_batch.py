@@ -18,6 +18,8 @@ from types import SimpleNamespace
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from toy_tokenizer import EOS, VOCAB
+from toy_tokenizer import ToyTokenizer as _Tok
 
 from engine.batch import BatchGenerator, batch_unsupported, exact_rows
 from engine.errors import ContextLengthError, LatentError
@@ -26,36 +28,7 @@ from engine.models import get_model_classes
 from engine.sampling import SamplingParams
 from engine.session import PrefixCache
 
-VOCAB = 64
 CTX = 96
-EOS = 63
-PIECES = ["".join("ab c"[(i * 7 + j * 3) % 4] for j in range(1 + i % 3)) for i in range(VOCAB)]
-
-
-class _Detok:
-    def __init__(self):
-        self.text, self._read = "", 0
-
-    def add_token(self, t: int) -> None:
-        self.text += PIECES[t]
-
-    def finalize(self) -> None:
-        pass
-
-    @property
-    def last_segment(self) -> str:
-        seg, self._read = self.text[self._read :], len(self.text)
-        return seg
-
-
-class _Tok:
-    eos_ids = {EOS}
-
-    def detokenizer(self):
-        return _Detok()
-
-    def decode(self, ids):
-        return "".join(PIECES[i] for i in ids)
 
 
 def _tiny_llama(seed: int = 0, **overrides):

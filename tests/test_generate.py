@@ -16,40 +16,15 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
+from toy_tokenizer import EOS, PIECES, VOCAB
+from toy_tokenizer import ToyTokenizer as _Tok
 
 from engine.errors import ContextLengthError
 from engine.generate import _StopScanner, generate_step, stream_generate
 from engine.models import get_model_classes
 from engine.sampling import SamplingParams
 
-VOCAB = 64
 CTX = 96
-EOS = 63
-# Token id -> text: short pieces over a small alphabet so stop strings span tokens.
-PIECES = ["".join("ab c"[(i * 7 + j * 3) % 4] for j in range(1 + i % 3)) for i in range(VOCAB)]
-
-
-class _Detok:
-    def __init__(self):
-        self.text, self._read = "", 0
-
-    def add_token(self, t: int) -> None:
-        self.text += PIECES[t]
-
-    def finalize(self) -> None:
-        pass
-
-    @property
-    def last_segment(self) -> str:
-        seg, self._read = self.text[self._read :], len(self.text)
-        return seg
-
-
-class _Tok:
-    eos_ids = {EOS}
-
-    def detokenizer(self):
-        return _Detok()
 
 
 @pytest.fixture(scope="module")

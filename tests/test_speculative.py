@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
+from toy_tokenizer import PIECES, VOCAB
+from toy_tokenizer import ToyTokenizer as _Tok
 
 from engine.errors import LatentError
 from engine.generate import stream_generate
@@ -26,43 +28,7 @@ from engine.models import get_model_classes
 from engine.sampling import SamplingParams, filter_logits
 from engine.speculative import DraftCounts, check_draft, speculative_generate_step
 
-VOCAB = 64
 CTX = 2048
-EOS = 63
-PIECES = ["".join("ab c"[(i * 7 + j * 3) % 4] for j in range(1 + i % 3)) for i in range(VOCAB)]
-
-
-class _Detok:
-    def __init__(self):
-        self.text, self._read = "", 0
-
-    def add_token(self, t: int) -> None:
-        self.text += PIECES[t]
-
-    def finalize(self) -> None:
-        pass
-
-    @property
-    def last_segment(self) -> str:
-        seg, self._read = self.text[self._read :], len(self.text)
-        return seg
-
-
-class _Tok:
-    eos_ids = {EOS}
-    vocab_size = VOCAB
-
-    def __init__(self, pieces=PIECES):
-        self.pieces = pieces
-
-    def id_to_token(self, i: int) -> str:
-        return self.pieces[i]
-
-    def decode(self, ids) -> str:
-        return "".join(self.pieces[i] for i in ids)
-
-    def detokenizer(self):
-        return _Detok()
 
 
 TOK = _Tok()
