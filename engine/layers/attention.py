@@ -14,6 +14,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from engine.quant.cpu import cpu_kernels_for
+
 
 def create_causal_mask(
     n: int, offset: int = 0, window_size: int | None = None, lengths: mx.array | None = None
@@ -53,15 +55,6 @@ def create_attention_mask(h: mx.array, cache: Any = None, window_size: int | Non
     return "causal"
 
 
-def _cpu_kernel():
-    """Our CPU attention kernel (latent_kernels.cpu) when MLX computes on the CPU, else None."""
-    if mx.default_device() != mx.cpu:
-        return None
-    from engine.quant.cpu import kernels
-
-    return kernels()
-
-
 def scaled_dot_product_attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any = None
 ) -> mx.array:
@@ -71,10 +64,8 @@ def scaled_dot_product_attention(
     threaded SIMD op; MLX's CPU path composes matmul, mask, softmax and matmul and spent ~45%
     of a prompt chunk here); array masks (padding, windows) keep MLX's op.
     """
-    if (mask is None or (isinstance(mask, str) and mask == "causal")) and (
-        q.dtype == k.dtype == v.dtype == mx.float32 and q.ndim == 4
-    ):
-        kern = _cpu_kernel()
+    if (mask is None or (isinstance(mask, str) and mask == "causal")) and q.ndim == 4:
+        kern = cpu_kernels_for(q, k, v)
         if kern is not None:
             return kern.attention(q, k, v, scale, mask == "causal")
     if isinstance(mask, mx.array) and mask.dtype != mx.bool_ and mask.dtype != q.dtype:

@@ -11,6 +11,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.quant.cpu import cpu_kernels_for
+
 
 def gelu_tanh(x: mx.array) -> mx.array:
     """GELU with the tanh approximation (HF "gelu_new", "gelu_pytorch_tanh")."""
@@ -49,13 +51,10 @@ class SwiGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         g, u = self.gate_proj(x), self.up_proj(x)
-        if self._act is nn.silu and g.dtype == mx.float32 and mx.default_device() == mx.cpu:
-            from engine.quant.cpu import kernels
-
-            kern = kernels()
-            if kern is not None:
-                # one threaded SIMD op; MLX's CPU sigmoid runs a scalar exp (~30 M elements/s)
-                return self.down_proj(kern.swiglu(g, u))
+        kern = cpu_kernels_for(g, u) if self._act is nn.silu else None
+        if kern is not None:
+            # one threaded SIMD op; MLX's CPU sigmoid runs a scalar exp (~30 M elements/s)
+            return self.down_proj(kern.swiglu(g, u))
         return self.down_proj(self._act(g) * u)
 
 

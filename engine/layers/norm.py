@@ -1,7 +1,8 @@
 """Normalisation layers with checkpoint-named parameters (`weight`, `bias`).
 
 RMSNorm (llama family, also used per head for qwen3's q/k norm) and LayerNorm (gpt2), both
-through `mx.fast` kernels (RMSNorm through our CPU kernel on the CPU, see engine/quant/cpu.py). Statistics are taken in fp32 by those kernels whatever the input dtype.
+through `mx.fast` kernels (RMSNorm through our CPU kernel on the CPU, engine/quant/cpu.py).
+Statistics are taken in fp32 by those kernels whatever the input dtype.
 """
 
 from __future__ import annotations

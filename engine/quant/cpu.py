@@ -1,4 +1,9 @@
-"""How affine-quantized layers compute on the CPU: our kernels, then OpenBLAS, then MLX.
+"""What runs on our CPU kernels (latent_kernels.cpu) instead of MLX's CPU ops, and when.
+
+`cpu_kernels_for(*arrays)` is the one test every caller uses (MLX on the CPU, float32, kernels
+built); engine/layers call it for attention, RoPE, RMSNorm and SwiGLU, the generation loops
+through `log_softmax`. The rest of this module is how affine-quantized layers compute on the
+CPU: our kernels, then OpenBLAS, then MLX.
 
 MLX's CPU `quantized_matmul` is single-threaded scalar code (0.3-0.9 GB/s of weights here), and
 one-token decoding is nothing but such matvecs. `use_cpu_kernels(model)` switches every
@@ -22,7 +27,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-PREFILL_MIN_ROWS = 12  # from here on, dequantize + OpenBLAS sgemm beats qmm_rows (measured crossover 12-16)
+# from here on, dequantize + OpenBLAS sgemm beats qmm_rows (measured crossover: 12-16 rows)
+PREFILL_MIN_ROWS = 12
 
 
 _KERNELS: list = []  # [module or None] once looked up
@@ -71,7 +77,7 @@ def _dequantized(m: nn.Module, k) -> mx.array:
 
 def quantized_matmul(m: nn.Module, x: mx.array) -> mx.array | None:
     """x @ W.T for a quantized module on the fastest CPU path, or None to use MLX's op."""
-    if x.dtype != mx.float32:
+    if mx.default_device() != mx.cpu or x.dtype != mx.float32:
         return None
     k = kernels()
     rows = x.size // x.shape[-1]
