@@ -326,3 +326,15 @@ def test_log_softmax_matches_float64_reference():
     got = np.array(K.log_softmax(x))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     assert abs(np.exp(got.astype(np.float64)).sum(-1) - 1).max() < 1e-5
+
+
+def test_log_softmax_and_rms_norm_gradients_equal_mlx():
+    x = mx.random.normal((2, 300)) * 3
+    w = mx.random.normal((300,))
+    g = mx.grad(lambda x: (K.log_softmax(x) * w).sum())(x)
+    g_mlx = mx.grad(lambda x: ((x - mx.logsumexp(x, axis=-1, keepdims=True)) * w).sum())(x)
+    np.testing.assert_allclose(np.array(g), np.array(g_mlx), atol=1e-5)
+    gn = mx.grad(lambda x, w: (K.rms_norm(x, w, 1e-5) ** 2).sum(), argnums=(0, 1))(x, w)
+    gn_mlx = mx.grad(lambda x, w: (mx.fast.rms_norm(x, w, 1e-5) ** 2).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(gn, gn_mlx):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)

@@ -504,6 +504,27 @@ std::vector<float> gather_rows(const mx::array& x) {
   return out;
 }
 
+// The CPU encoder for a primitive's eval, its one output allocated and its arrays registered.
+mx::cpu::CommandEncoder& begin_eval(
+    mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream);
+  for (const auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  return enc;
+}
+
+// Gradients for `argnums` through `fn`, the same math in MLX's own ops (training is rare here).
+std::vector<mx::array> vjp_through(
+    const std::function<std::vector<mx::array>(const std::vector<mx::array>&)>& fn,
+    const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums) {
+  auto grads = mx::vjp(fn, primals, cotangents).second;
+  std::vector<mx::array> picked;
+  for (int a : argnums) picked.push_back(grads[a]);
+  return picked;
+}
+
 // ---------------------------------------------------------------------------------------
 // MLX primitives.
 
@@ -521,10 +542,7 @@ class QuantizedRowsMatmul : public mx::UnaryPrimitive {
     const auto& w = inputs[1];
     const auto& scales = inputs[2];
     const auto& biases = inputs[3];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = begin_eval(stream(), inputs, out);
     const int K = x.shape(-1);
     const int M = static_cast<int>(x.size() / K);
     const int N = w.shape(0);
@@ -594,10 +612,7 @@ class DequantizeF32 : public mx::UnaryPrimitive {
     const auto& w = inputs[0];
     const auto& scales = inputs[1];
     const auto& biases = inputs[2];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = begin_eval(stream(), inputs, out);
     const int N = out.shape(0);
     const int K = out.shape(1);
     enc.dispatch([w = mx::array::unsafe_weak_copy(w),
@@ -639,10 +654,7 @@ class CpuAttention : public mx::UnaryPrimitive {
       : mx::UnaryPrimitive(stream), scale_(scale), causal_(causal) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = begin_eval(stream(), inputs, out);
     enc.dispatch([q = mx::array::unsafe_weak_copy(inputs[0]),
                   k = mx::array::unsafe_weak_copy(inputs[1]),
                   v = mx::array::unsafe_weak_copy(inputs[2]),
@@ -665,10 +677,7 @@ class CpuAttention : public mx::UnaryPrimitive {
       return std::vector<mx::array>{mx::fast::scaled_dot_product_attention(
           in[0], in[1], in[2], scale, mode, std::nullopt, std::nullopt, false, s)};
     };
-    auto grads = mx::vjp(fn, primals, cotangents).second;
-    std::vector<mx::array> picked;
-    for (int a : argnums) picked.push_back(grads[a]);
-    return picked;
+    return vjp_through(fn, primals, cotangents, argnums);
   }
 
   const char* name() const override { return "LatentCpuAttention"; }
@@ -764,10 +773,7 @@ class SwiGLU : public mx::UnaryPrimitive {
   explicit SwiGLU(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = begin_eval(stream(), inputs, out);
     enc.dispatch([g = mx::array::unsafe_weak_copy(inputs[0]),
                   u = mx::array::unsafe_weak_copy(inputs[1]),
                   out = mx::array::unsafe_weak_copy(out)]() mutable {
@@ -797,10 +803,7 @@ class SwiGLU : public mx::UnaryPrimitive {
       auto sig = mx::sigmoid(in[0], s);
       return std::vector<mx::array>{mx::multiply(mx::multiply(in[0], sig, s), in[1], s)};
     };
-    auto grads = mx::vjp(fn, primals, cotangents).second;
-    std::vector<mx::array> picked;
-    for (int a : argnums) picked.push_back(grads[a]);
-    return picked;
+    return vjp_through(fn, primals, cotangents, argnums);
   }
 
   const char* name() const override { return "LatentSwiGLU"; }
@@ -848,10 +851,7 @@ class RmsNorm : public mx::UnaryPrimitive {
   RmsNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = begin_eval(stream(), inputs, out);
     enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
                   w = mx::array::unsafe_weak_copy(inputs[1]),
                   out = mx::array::unsafe_weak_copy(out), eps = eps_]() mutable {
@@ -881,10 +881,7 @@ class RmsNorm : public mx::UnaryPrimitive {
     auto fn = [=](const std::vector<mx::array>& in) {
       return std::vector<mx::array>{mx::fast::rms_norm(in[0], in[1], eps, s)};
     };
-    auto grads = mx::vjp(fn, primals, cotangents).second;
-    std::vector<mx::array> picked;
-    for (int a : argnums) picked.push_back(grads[a]);
-    return picked;
+    return vjp_through(fn, primals, cotangents, argnums);
   }
   const char* name() const override { return "LatentRmsNorm"; }
   bool is_equivalent(const mx::Primitive& other) const override {
@@ -907,10 +904,7 @@ class Rope : public mx::UnaryPrimitive {
         offset_(offset) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = begin_eval(stream(), inputs, out);
     // inputs[2], when present: one int32 offset per batch row (added to offset_)
     const bool per_row = inputs.size() > 2;
     enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
@@ -984,10 +978,7 @@ class Rope : public mx::UnaryPrimitive {
       return std::vector<mx::array>{
           mx::fast::rope(in[0], dims, trad, std::nullopt, scale, offset, in[1], s)};
     };
-    auto grads = mx::vjp(fn, primals, cotangents).second;
-    std::vector<mx::array> picked;
-    for (int a : argnums) picked.push_back(grads[a]);
-    return picked;
+    return vjp_through(fn, primals, cotangents, argnums);
   }
   const char* name() const override { return "LatentRope"; }
   bool is_equivalent(const mx::Primitive& other) const override {
@@ -1012,10 +1003,7 @@ class LogSoftmax : public mx::UnaryPrimitive {
   explicit LogSoftmax(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(inputs[0]);
-    enc.set_output_array(out);
+    auto& enc = begin_eval(stream(), inputs, out);
     enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
                   out = mx::array::unsafe_weak_copy(out)]() mutable {
       std::vector<float> keep;
@@ -1042,7 +1030,7 @@ class LogSoftmax : public mx::UnaryPrimitive {
       return std::vector<mx::array>{
           mx::subtract(in[0], mx::logsumexp(in[0], -1, true, s), s)};
     };
-    return {mx::vjp(fn, primals, cotangents).second[0]};
+    return vjp_through(fn, primals, cotangents, argnums);
   }
   const char* name() const override { return "LatentLogSoftmax"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
