@@ -162,10 +162,8 @@ class BatchGenerator:
         self.context_length = int(context_length or context_length_of(loaded))
         self.eos = eos_ids_for(loaded)
         self.window = getattr(self.model.args, "window", None)
-        if not getattr(self.model, "_latent_blas_prefill", False):
-            # the same prefill path generate_step switches on, so prefills match a lone request
-            use_blas_prefill(self.model)
-            self.model._latent_blas_prefill = True
+        # the same CPU paths generate_step switches on, so rows match a lone request
+        use_blas_prefill(self.model)
         self.max_rows = exact_rows(self.model, max_batch) if exact else max_batch
         self._waiting: deque[_Row] = deque()
         self._rows: list[_Row] = []

@@ -126,9 +126,8 @@ def generate_step(
         raise ValueError(
             f"num_cached={num_cached} leaves no prompt token to feed (prompt has {n_total})"
         )
-    if not getattr(model, "_latent_blas_prefill", False):
-        use_blas_prefill(model)  # CPU + OpenBLAS: prompt chunks through sgemm (engine/blas.py)
-        model._latent_blas_prefill = True
+    # on the CPU: our kernels, and OpenBLAS sgemm for prompt chunks (idempotent, ~1 ms)
+    use_blas_prefill(model)
     sampler = sampler or _greedy
     procs = logits_processors or []
     history = ids

@@ -173,9 +173,7 @@ def speculative_generate_step(
     if num_cached >= n_total or draft_num_cached >= n_total:
         raise ValueError(f"num_cached leaves no prompt token to feed (prompt has {n_total})")
     for m in (model, draft_model):
-        if not getattr(m, "_latent_blas_prefill", False):
-            use_blas_prefill(m)  # CPU + OpenBLAS: many-row inputs through sgemm (engine/blas.py)
-            m._latent_blas_prefill = True
+        use_blas_prefill(m)  # CPU: our kernels + OpenBLAS sgemm for many rows (idempotent)
     counts = counts if counts is not None else DraftCounts()
     greedy = params.temperature <= 0.0
     procs = make_logits_processors(params)
