@@ -77,10 +77,11 @@ def apply_theme(app: QApplication, mode: str = "system") -> None:
     from PySide6.QtWidgets import QWidget
 
     for top in app.topLevelWidgets():
-        if not shiboken6.isValid(top) or not top.isVisible():
+        # a window half-way through destruction can come back as a bare QObject wrapper
+        if not isinstance(top, QWidget) or not shiboken6.isValid(top) or not top.isVisible():
             continue
         for w in [top, *top.findChildren(QWidget)]:
-            if not shiboken6.isValid(w):
+            if not isinstance(w, QWidget) or not shiboken6.isValid(w):
                 continue
             sheet = w.styleSheet()
             if sheet:
