@@ -26,11 +26,13 @@ class KVCache:
 
     def _grow(self, k: mx.array, v: mx.array, needed: int) -> None:
         b, h, _, dk = k.shape
-        dv = v.shape[-1]
+        self._allocate(b, h, dk, v.shape[-1], k.dtype, needed)
+
+    def _allocate(self, b: int, h: int, dk: int, dv: int, dtype: mx.Dtype, needed: int) -> None:
         n_steps = (needed + self.step - 1) // self.step
         size = n_steps * self.step
-        new_k = mx.zeros((b, h, size, dk), k.dtype)
-        new_v = mx.zeros((b, h, size, dv), v.dtype)
+        new_k = mx.zeros((b, h, size, dk), dtype)
+        new_v = mx.zeros((b, h, size, dv), dtype)
         if self.keys is not None and self.offset > 0:
             new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
             new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
@@ -51,6 +53,28 @@ class KVCache:
         self.values[..., self.offset : end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def take_buffers(self, n_kv_heads: int, dk: int, dv: int) -> tuple[mx.array, mx.array]:
+        """Hand over the float32 (1, H, capacity, D) buffers, grown so position `offset` fits,
+        for a kernel to write that position (engine/layers/fused.py); `put_buffers` takes the
+        results back. The cache lets go of them meanwhile, so the write can happen in place."""
+        k = self.keys
+        if (
+            k is None
+            or self.offset + 1 > k.shape[2]
+            or k.shape[:2] != (1, n_kv_heads)
+            or k.shape[3] != dk
+            or k.dtype != mx.float32
+        ):
+            self._allocate(1, n_kv_heads, dk, dv, mx.float32, self.offset + 1)
+        keys, values = self.keys, self.values
+        self.keys = self.values = None
+        return keys, values
+
+    def put_buffers(self, keys: mx.array, values: mx.array) -> None:
+        """Take back the buffers of `take_buffers`, now holding one more position."""
+        self.keys, self.values = keys, values
+        self.offset += 1
 
     @property
     def nbytes(self) -> int:

@@ -170,6 +170,15 @@ class RoPE(nn.Module):
         f = self.factor
         return self.base * ((f * seq_len / self.max_pos) - (f - 1)) ** (self.dims / (self.dims - 2))
 
+    def periods_at(self, offset: int, n: int) -> mx.array:
+        """Per-pair periods for positions offset..offset+n-1 (what our CPU kernels take)."""
+        if self._periods is not None:
+            return self._periods
+        base = self.base
+        if self.rope_type == "dynamic":
+            base = self._dynamic_base(int(offset) + n)
+        return default_periods(self.dims, base)
+
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         if self.mscale != 1.0:
             # rotation is linear, so scaling the input equals HF's scaling of cos and sin
@@ -180,13 +189,7 @@ class RoPE(nn.Module):
         kern = cpu_kernels_for(x) if usable and x.ndim == 4 else None
         if kern is not None:
             # one primitive instead of MLX's composed CPU graph (~60 us a call here)
-            if self._periods is not None:
-                periods = self._periods
-            else:
-                base = self.base
-                if self.rope_type == "dynamic":
-                    base = self._dynamic_base(int(offset) + x.shape[-2])
-                periods = default_periods(self.dims, base)
+            periods = self.periods_at(0 if per_row else offset, x.shape[-2])
             if per_row:
                 return kern.rope(x, self.dims, self.traditional, periods, self.scale, 0, offset)
             return kern.rope(x, self.dims, self.traditional, periods, self.scale, offset)

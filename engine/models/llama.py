@@ -20,6 +20,7 @@ from engine.layers.attention import (
     create_causal_mask,
     scaled_dot_product_attention,
 )
+from engine.layers.fused import fused_decode
 from engine.layers.mlp import SwiGLU
 from engine.layers.norm import RMSNorm
 from engine.layers.rope import make_rope
@@ -137,6 +138,10 @@ class LlamaModel(nn.Module):
             # a caller's padding mask still has to respect the sliding window
             offset = cache[0].offset if cache[0] is not None else 0
             mask = mask & create_causal_mask(h.shape[1], offset, window_size=self._window)
+        if mask is None:
+            fused = fused_decode(self.layers, h, cache)  # one token on our CPU kernels
+            if fused is not None:
+                return self.norm(fused)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)

@@ -108,6 +108,22 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
         return super().as_linear(x) if y is None else y
 
 
+def linear_parts(m: nn.Module) -> tuple[list, int, int] | None:
+    """([weight, scales, biases, bias], bits, group_size) of a linear layer the fused decode
+    kernels run (affine 4/8-bit, or float32 with bits 0; absent parts None), else None: any
+    other class (LoRA wrappers included), mode or dtype."""
+    bias = m.get("bias")
+    if bias is not None and bias.dtype != mx.float32:
+        return None
+    if type(m) in (nn.QuantizedLinear, CpuQuantizedLinear):
+        if not _eligible(m) or m["scales"].dtype not in (mx.float32, mx.float16, mx.bfloat16):
+            return None
+        return [m["weight"], m["scales"], m["biases"], bias], m.bits, m.group_size
+    if type(m) is nn.Linear and m["weight"].dtype == mx.float32:
+        return [m["weight"], None, None, bias], 0, 0
+    return None
+
+
 _SWAP = {nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuantizedEmbedding}
 
 

@@ -79,8 +79,12 @@ __attribute__((target("avx2,fma"))) inline void pv_row(
   for (int c = 0; c < nv; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
 }
 
+// Column-wise softmax of s (n keys x QB rows) in place. With m_out/l_out given, the columns are
+// left unnormalised: exp(x - max), with each column's max and sum returned (for combining the
+// partial results of key ranges).
 __attribute__((target("avx2,fma"))) inline void softmax_cols(
-    float* s, int n, const int* limit, float scale) {
+    float* s, int n, const int* limit, float scale, float* m_out = nullptr,
+    float* l_out = nullptr) {
   // column r holds query row r; keys j > limit[r] get probability 0
   alignas(32) float mx_[QB];
   __m256 m = _mm256_set1_ps(-INFINITY);
@@ -104,6 +108,11 @@ __attribute__((target("avx2,fma"))) inline void softmax_cols(
                          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(j), limv)));
     _mm256_storeu_ps(s + j * QB, e);
     sum = _mm256_add_ps(sum, e);
+  }
+  if (m_out) {
+    _mm256_storeu_ps(m_out, m);
+    _mm256_storeu_ps(l_out, sum);
+    return;
   }
   const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
   for (int j = 0; j < n; ++j) _mm256_storeu_ps(s + j * QB, _mm256_mul_ps(_mm256_loadu_ps(s + j * QB), inv));
@@ -133,6 +142,84 @@ inline void attend_row_portable(
     const float w = s[j] / sum;
     const float* vr = v.row(b, h, j);
     for (int c = 0; c < Dv; ++c) out[c] += w * vr[c];
+  }
+}
+
+// softmax(q k^T scale) v for the Hq query heads of one token over keys [0, n) of the cache.
+// Work items are (K/V head, block of up to QB of its query heads, key range): splitting the keys
+// keeps both threads busy when there are few K/V heads (SmolLM2: 3); each range returns its
+// unnormalised sums with their max and total, combined afterwards (the flash-decoding scheme).
+// q: (Hq, Dh) contiguous; kv/vv: batch row 0 of the cache views; out: (Hq, Dv).
+struct Heads {
+  int Hq, Hkv, Dh, Dv;
+};
+
+inline void decode_attention(const float* q, const View& kv, const View& vv, int n, Heads s,
+                             float scale, float* out) {
+  const int group = s.Hq / s.Hkv;
+  const int blocks = (group + QB - 1) / QB;
+  const bool simd = has_avx2() && s.Dv % 8 == 0 && s.Dv <= 256;
+  Pool& p = pool();
+  if (n <= 0) return;
+  // key ranges of >= 64 keys, enough for ~4 items per thread
+  const int want = (4 * p.size() + s.Hkv * blocks - 1) / (s.Hkv * blocks);
+  const int splits = simd ? std::max(1, std::min(want, n / 64)) : 1;
+  const int items = s.Hkv * blocks * splits;
+  // per item and row: the unnormalised output, the max and the sum of its range
+  std::vector<float> part(size_t(items) * QB * s.Dv), pmax(size_t(items) * QB),
+      psum(size_t(items) * QB);
+  p.run(items, [&](int it) {
+    const int sp = it % splits, hk = it / (splits * blocks), r0 = ((it / splits) % blocks) * QB;
+    const int rows = std::min(QB, group - r0);
+    std::vector<float> sbuf;
+#ifdef LATENT_X86
+    if (simd) {
+      int k0, k1;
+      split(n, splits, sp, k0, k1);
+      const int len = k1 - k0;
+      const View kr{kv.data + k0 * kv.ss, kv.sb, kv.sh, kv.ss};
+      const View vr{vv.data + k0 * vv.ss, vv.sb, vv.sh, vv.ss};
+      std::vector<float> qt(size_t(s.Dh) * QB);
+      int limit[QB];
+      for (int r = 0; r < QB; ++r) {
+        const float* qrow = q + size_t(hk * group + r0 + std::min(r, rows - 1)) * s.Dh;
+        for (int d = 0; d < s.Dh; ++d) qt[d * QB + r] = r < rows ? qrow[d] : 0.f;
+        limit[r] = len - 1;
+      }
+      sbuf.resize(size_t(len) * QB);
+      scores_block(qt.data(), kr, 0, hk, len, s.Dh, sbuf.data());
+      softmax_cols(sbuf.data(), len, limit, scale, &pmax[size_t(it) * QB],
+                   &psum[size_t(it) * QB]);
+      for (int r = 0; r < rows; ++r) {
+        pv_row(sbuf.data(), r, vr, 0, hk, len, s.Dv, &part[(size_t(it) * QB + r) * s.Dv]);
+      }
+      return;
+    }
+#endif
+    for (int r = 0; r < rows; ++r) {
+      const size_t head = hk * group + r0 + r;
+      attend_row_portable(q + head * s.Dh, kv, vv, 0, hk, n, s.Dh, s.Dv, scale,
+                          out + head * s.Dv, sbuf);
+    }
+  });
+  if (!simd) return;
+  for (int hk = 0; hk < s.Hkv; ++hk) {
+    for (int r = 0; r < group; ++r) {
+      const int first = (hk * blocks + r / QB) * splits, row = r % QB;
+      float m = -INFINITY;
+      for (int sp = 0; sp < splits; ++sp) m = std::max(m, pmax[size_t(first + sp) * QB + row]);
+      float* o = out + size_t(hk * group + r) * s.Dv;
+      std::fill(o, o + s.Dv, 0.f);
+      float total = 0.f;
+      for (int sp = 0; sp < splits; ++sp) {
+        const size_t at = size_t(first + sp) * QB + row;
+        const float w = std::exp(pmax[at] - m);
+        total += w * psum[at];
+        const float* src = &part[at * s.Dv];
+        for (int d = 0; d < s.Dv; ++d) o[d] += w * src[d];
+      }
+      for (int d = 0; d < s.Dv; ++d) o[d] /= total;
+    }
   }
 }
 

@@ -26,7 +26,7 @@ from pathlib import Path
 DISABLE_ENV = "LATENT_NO_CPU_KERNELS"
 MODULE = "_latent_cpu"
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
-HEADERS = [Path(__file__).with_name("attention.h")]
+HEADERS = [Path(__file__).with_name(n) for n in ("attention.h", "decode.h")]
 
 _module = None
 _error: str | None = None

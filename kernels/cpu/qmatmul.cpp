@@ -19,6 +19,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
 
 #include <algorithm>
 #include <atomic>
@@ -716,6 +717,15 @@ class CpuAttention : public mx::UnaryPrimitive {
     std::vector<float> qkeep, kkeep, vkeep;
     const View qv = view_of(q, qkeep), kv = view_of(k, kkeep), vv = view_of(v, vkeep);
     float* o = out.data<float>();  // (B, Hq, L, Dv) row-contiguous
+    if (L == 1 && B == 1) {
+      // one token (decode, or a batch row): the same routine as the fused decode layer, so
+      // both paths give the same bits
+      std::vector<float> qrows(size_t(Hq) * D);
+      for (int h = 0; h < Hq; ++h) std::copy_n(qv.row(0, h, 0), D, &qrows[size_t(h) * D]);
+      // (causal or not, the one query sits at the last position and sees every key)
+      decode_attention(qrows.data(), kv, vv, S, {Hq, Hkv, D, Dv}, scale, o);
+      return;
+    }
     // A block is QB rows (query head, position) that share one K/V head, position-major:
     // the query heads of a GQA group go together, so one-token decoding fills a block with the
     // group's heads instead of one real row and seven padding rows.
@@ -766,6 +776,72 @@ class CpuAttention : public mx::UnaryPrimitive {
   bool causal_;
 };
 
+// ---------------------------------------------------------------------------------------
+// Row-level math shared by the single-op primitives and the fused decode layer (decode.h).
+
+// o = x * rsqrt(mean(x^2) + eps) * w over D elements.
+inline void rms_norm_row(const float* x, const float* w, float* o, int64_t D, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
+  for (int64_t i = 0; i < D; ++i) o[i] = x[i] * inv * w[i];
+}
+
+// cos/sin of the `half` rotary angles at (already scaled) position p.
+inline void rope_angles(float p, const float* periods, int half, float* cs, float* sn) {
+  for (int i = 0; i < half; ++i) {
+    const float theta = p * (1.0f / periods[i]);
+    cs[i] = std::cos(theta);
+    sn[i] = std::sin(theta);
+  }
+}
+
+// One head's row: pairs (i, i + dims/2), or (2i, 2i+1) when traditional, rotated; the features
+// past `dims` copied. x and o may be the same row.
+inline void rope_row(
+    const float* x, float* o, const float* cs, const float* sn, int dims, int D, bool trad) {
+  const int half = dims / 2;
+  for (int i = 0; i < half; ++i) {
+    const int i1 = trad ? 2 * i : i, i2 = trad ? 2 * i + 1 : i + half;
+    const float x1 = x[i1], x2 = x[i2];
+    o[i1] = x1 * cs[i] - x2 * sn[i];
+    o[i2] = x1 * sn[i] + x2 * cs[i];
+  }
+  if (o != x) {
+    for (int i = dims; i < D; ++i) o[i] = x[i];
+  }
+}
+
+#ifdef LATENT_X86
+__attribute__((target("avx2,fma"))) inline void swiglu_avx2(
+    const float* g, const float* u, float* o, int64_t a, int64_t b) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = a;
+  for (; i + 8 <= b; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    // sigmoid(x) = 1 / (1 + e^-x), with e^-|x| (always <= 1) so the exp never overflows
+    const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+    const __m256 e = latent_attention::exp_neg(_mm256_sub_ps(_mm256_setzero_ps(), ax));
+    const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, e));  // sigmoid(|x|)
+    // x < 0: e^-|x| / (1 + e^-|x|), not 1 - sigmoid(|x|), which cancels to 0
+    const __m256 sig = _mm256_blendv_ps(pos, _mm256_mul_ps(e, pos), x);
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
+  }
+  for (; i < b; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+#endif
+
+// silu(g) * u over [a, b).
+inline void swiglu_range(const float* g, const float* u, float* o, int64_t a, int64_t b) {
+#ifdef LATENT_X86
+  if (has_avx2()) {
+    swiglu_avx2(g, u, o, a, b);
+    return;
+  }
+#endif
+  for (int64_t i = a; i < b; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
 // silu(g) * u, elementwise (the SwiGLU activation): MLX's CPU sigmoid runs a scalar exp at
 // ~30 M elements/s here, which made the activation of a prompt chunk cost as much as its GEMMs.
 class SwiGLU : public mx::UnaryPrimitive {
@@ -812,35 +888,6 @@ class SwiGLU : public mx::UnaryPrimitive {
     return {inputs[0].shape()};
   }
 
- private:
-  static void swiglu_range(const float* g, const float* u, float* o, int64_t a, int64_t b) {
-#ifdef LATENT_X86
-    if (has_avx2()) {
-      swiglu_avx2(g, u, o, a, b);
-      return;
-    }
-#endif
-    for (int64_t i = a; i < b; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
-
-#ifdef LATENT_X86
-  __attribute__((target("avx2,fma"))) static void swiglu_avx2(
-      const float* g, const float* u, float* o, int64_t a, int64_t b) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    int64_t i = a;
-    for (; i + 8 <= b; i += 8) {
-      const __m256 x = _mm256_loadu_ps(g + i);
-      // sigmoid(x) = 1 / (1 + e^-x), with e^-|x| (always <= 1) so the exp never overflows
-      const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-      const __m256 e = latent_attention::exp_neg(_mm256_sub_ps(_mm256_setzero_ps(), ax));
-      const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, e));  // sigmoid(|x|)
-      // x < 0: e^-|x| / (1 + e^-|x|), not 1 - sigmoid(|x|), which cancels to 0
-      const __m256 sig = _mm256_blendv_ps(pos, _mm256_mul_ps(e, pos), x);
-      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
-    }
-    for (; i < b; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
-#endif
 };
 
 // Small per-token ops whose MLX CPU paths are composed graphs (rms_norm ~26 us, rope ~60 us a
@@ -860,14 +907,7 @@ class RmsNorm : public mx::UnaryPrimitive {
       const float* wd = w.data<float>();
       float* od = out.data<float>();
       const int64_t D = x.shape(-1), rows = x.size() / D;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = xd + r * D;
-        float ss = 0.f;
-        for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-        const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
-        float* o = od + r * D;
-        for (int64_t i = 0; i < D; ++i) o[i] = xr[i] * inv * wd[i];
-      }
+      for (int64_t r = 0; r < rows; ++r) rms_norm_row(xd + r * D, wd, od + r * D, D, eps);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -930,12 +970,8 @@ class Rope : public mx::UnaryPrimitive {
       for (int b = 0; b < nb; ++b) {
         const int start = offset + (per_row ? rows.data<int32_t>()[b] : 0);
         for (int l = 0; l < L; ++l) {
-          const float pos = float(start + l) * scale;
-          for (int i = 0; i < half; ++i) {
-            const float theta = pos * (1.0f / per[i]);
-            cs[(size_t(b) * L + l) * half + i] = std::cos(theta);
-            sn[(size_t(b) * L + l) * half + i] = std::sin(theta);
-          }
+          const size_t t = (size_t(b) * L + l) * half;
+          rope_angles(float(start + l) * scale, per, half, cs.data() + t, sn.data() + t);
         }
       }
       float* od = out.data<float>();
@@ -945,15 +981,7 @@ class Rope : public mx::UnaryPrimitive {
             const float* xr = xd + b * sb + h * sh + l * sl;
             float* o = od + ((int64_t(b) * H + h) * L + l) * D;
             const size_t t = (size_t(per_row ? b : 0) * L + l) * half;
-            const float* c = cs.data() + t;
-            const float* sv = sn.data() + t;
-            for (int i = 0; i < half; ++i) {
-              const int i1 = trad ? 2 * i : i, i2 = trad ? 2 * i + 1 : i + half;
-              const float x1 = xr[i1], x2 = xr[i2];
-              o[i1] = x1 * c[i] - x2 * sv[i];
-              o[i2] = x1 * sv[i] + x2 * c[i];
-            }
-            for (int i = dims; i < D; ++i) o[i] = xr[i];
+            rope_row(xr, o, cs.data() + t, sn.data() + t, dims, D, trad);
           }
         }
       }
@@ -1074,6 +1102,10 @@ void check_format(
   if (group_size % 32 != 0 || group_size <= 0) {
     throw std::invalid_argument("[latent qmm] group_size must be a positive multiple of 32");
   }
+  if (scales.dtype() != mx::float32 && scales.dtype() != mx::float16 &&
+      scales.dtype() != mx::bfloat16) {
+    throw std::invalid_argument("[latent qmm] scales must be float32, float16 or bfloat16");
+  }
   if (w.ndim() != 2 || w.dtype() != mx::uint32) {
     throw std::invalid_argument("[latent qmm] weights must be a 2-D uint32 array");
   }
@@ -1185,6 +1217,8 @@ mx::array rope(const mx::array& x, int dims, bool traditional, const mx::array& 
                    std::move(in));
 }
 
+#include "decode.h"
+
 mx::array log_softmax(const mx::array& x, mx::StreamOrDevice s) {
   if (x.dtype() != mx::float32 || x.ndim() < 1) {
     throw std::invalid_argument("[latent log_softmax] a float32 array expected");
@@ -1236,6 +1270,63 @@ NB_MODULE(_latent_cpu, m) {
   m.def(
       "log_softmax", [](const mx::array& x) { return log_softmax(x, {}); }, nb::arg("x"),
       "x - logsumexp(x) over the last axis");
+  using latent_decode::Opt;
+  m.def(
+      "decode_qkv",
+      [](const mx::array& h, const mx::array& pos, const mx::array& norm,
+         const std::vector<Opt>& linears, const std::vector<int>& bits,
+         const std::vector<int>& groups, const Opt& q_norm, const Opt& k_norm,
+         const mx::array& periods, int n_heads, int n_kv_heads, int head_dim, float eps,
+         int rope_dims, bool traditional, float rope_scale, float mscale) {
+        return decode_qkv(h, pos, norm, linears, bits, groups, q_norm, k_norm, periods, n_heads,
+                          n_kv_heads, head_dim, eps, rope_dims, traditional, rope_scale, mscale,
+                          {});
+      },
+      nb::arg("h"), nb::arg("pos"), nb::arg("norm"), nb::arg("linears"), nb::arg("bits"),
+      nb::arg("groups"), nb::arg("q_norm").none(), nb::arg("k_norm").none(), nb::arg("periods"),
+      nb::arg("n_heads"), nb::arg("n_kv_heads"), nb::arg("head_dim"), nb::arg("eps"),
+      nb::arg("rope_dims"), nb::arg("traditional"), nb::arg("rope_scale"), nb::arg("mscale"),
+      "one token's q, k (normed, rotated at pos) and v of a llama-family layer: (Hq+2Hkv)*Dh");
+  m.def(
+      "kv_write",
+      [](const mx::array& buf, const mx::array& qkv, const mx::array& pos, int start) {
+        return kv_write(buf, qkv, pos, start, {});
+      },
+      nb::arg("buf"), nb::arg("qkv"), nb::arg("pos"), nb::arg("start"),
+      "buf (1, H, S, D) with position pos of each head set from qkv[start:], in place if possible");
+  m.def(
+      "decode_rest",
+      [](const mx::array& h, const mx::array& qkv, const mx::array& keys, const mx::array& values,
+         const mx::array& pos, const std::vector<Opt>& linears, const std::vector<int>& bits,
+         const std::vector<int>& groups, const mx::array& norm, int n_heads, float eps,
+         float attn_scale) {
+        return decode_rest(h, qkv, keys, values, pos, linears, bits, groups, norm, n_heads, eps,
+                           attn_scale, {});
+      },
+      nb::arg("h"), nb::arg("qkv"), nb::arg("keys"), nb::arg("values"), nb::arg("pos"),
+      nb::arg("linears"), nb::arg("bits"), nb::arg("groups"), nb::arg("norm"), nb::arg("n_heads"),
+      nb::arg("eps"), nb::arg("attn_scale"),
+      "h + attention + o projection, then the SwiGLU MLP block, for one token");
+  m.def(
+      "kv_write_copies", [] { return latent_decode::kv_write_copies.load(); },
+      "kv_write calls so far that copied their buffer instead of writing in place");
+  m.def(
+      "set_decode_profiling",
+      [](bool on) {
+        for (auto& t : latent_decode::stage_ns) t.store(0);
+        latent_decode::profiling.store(on);
+      },
+      nb::arg("on"), "start (zeroing the sums) or stop timing the fused decode kernels' stages");
+  m.def(
+      "decode_profile",
+      [] {
+        nb::dict d;
+        for (int i = 0; i < latent_decode::kStages; ++i) {
+          d[latent_decode::stage_names[i]] = latent_decode::stage_ns[i].load() / 1e6;
+        }
+        return d;
+      },
+      "milliseconds per fused-decode stage since set_decode_profiling(True)");
   m.def("num_threads", [] { return pool().size(); }, "threads a kernel call uses");
   m.def(
       "set_num_threads", [](int n) { pool().resize(std::max(1, n)); }, nb::arg("n"),

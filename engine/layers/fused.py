@@ -1,0 +1,158 @@
+"""One-token decoding of llama-family layers in three CPU-kernel calls each.
+
+A decode step at SmolLM2-135M's size was ~90% dispatch: per layer ~27 MLX operations (seven
+small matvecs, norms, RoPE, cache slice updates, reshapes, transposes, residual adds), each
+queued to MLX's stream thread. On the CPU with our kernels built, `fused_decode` runs each
+layer as `decode_qkv` (norm, q/k/v, per-head norm, RoPE), two `kv_write`s (the cache rows,
+in place) and `decode_rest` (attention over the cache, o projection, residual, norm, SwiGLU
+MLP, residual): kernels/cpu/decode.h.
+
+It applies to a batch of one token whose layers are plain llama-family blocks: `Attention`
+with q/k/v/o projections (affine 4/8-bit or float32, biases allowed), optional q/k norm,
+`SwiGLU` with SiLU, RMSNorms, and a float32 `KVCache`. Anything else (LoRA wrappers, a
+quantized KV cache, a sliding window in force, other devices) returns None and the caller runs
+the layers as usual. The position travels as an int32 array, so the graph of a step does not
+depend on it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.cache import KVCache
+from engine.layers.mlp import SwiGLU
+from engine.layers.norm import RMSNorm
+from engine.quant.cpu import cpu_kernels_for, linear_parts
+
+# LATENT_NO_FUSED_DECODE=1 runs the layers op by op (for comparison and debugging)
+ENABLED = not os.environ.get("LATENT_NO_FUSED_DECODE")
+
+_ATTENTION_ATTRS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "rope",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "scale",
+)
+
+
+def _linears(modules) -> tuple[list, list[int], list[int]] | None:
+    parts: list = []
+    bits: list[int] = []
+    groups: list[int] = []
+    for m in modules:
+        p = linear_parts(m)
+        if p is None:
+            return None
+        parts += p[0]
+        bits.append(p[1])
+        groups.append(p[2])
+    return parts, bits, groups
+
+
+def _norm_weight(m: Any) -> mx.array | None:
+    if type(m) is not RMSNorm or m.weight.dtype != mx.float32:
+        return None
+    return m.weight
+
+
+def _plan(layer: Any, offset: int) -> tuple | None:
+    """The kernel arguments of one layer at position `offset`, or None when it does not fit."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if type(mlp) is not SwiGLU or mlp._act is not nn.silu:
+        return None
+    if not all(hasattr(attn, a) for a in _ATTENTION_ATTRS):
+        return None
+    norms = [
+        _norm_weight(layer.get("input_layernorm")),
+        _norm_weight(layer.get("post_attention_layernorm")),
+    ]
+    qkv = _linears((attn.q_proj, attn.k_proj, attn.v_proj))
+    rest = _linears((attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    if qkv is None or rest is None or any(w is None for w in norms):
+        return None
+    q_norm = k_norm = None
+    if "q_norm" in attn:
+        q_norm, k_norm = _norm_weight(attn.q_norm), _norm_weight(attn.k_norm)
+        if q_norm is None or k_norm is None:
+            return None
+    rope = attn.rope
+    eps = layer.input_layernorm.eps
+    return (
+        dict(
+            norm=norms[0],
+            linears=qkv[0],
+            bits=qkv[1],
+            groups=qkv[2],
+            q_norm=q_norm,
+            k_norm=k_norm,
+            periods=rope.periods_at(offset, 1),
+            n_heads=attn.n_heads,
+            n_kv_heads=attn.n_kv_heads,
+            head_dim=attn.head_dim,
+            eps=eps,
+            rope_dims=rope.dims,
+            traditional=rope.traditional,
+            rope_scale=rope.scale,
+            mscale=rope.mscale,
+        ),
+        dict(
+            linears=rest[0],
+            bits=rest[1],
+            groups=rest[2],
+            norm=norms[1],
+            n_heads=attn.n_heads,
+            eps=layer.post_attention_layernorm.eps,
+            attn_scale=attn.scale,
+        ),
+    )
+
+
+def fused_decode(layers: list, h: mx.array, cache: list | None) -> mx.array | None:
+    """Run `layers` on h (1, 1, D) with our fused kernels, updating `cache`; None when they do
+    not apply (then nothing has been touched)."""
+    if not ENABLED or cache is None or h.shape[:2] != (1, 1) or len(cache) != len(layers):
+        return None
+    kern = cpu_kernels_for(h)
+    if kern is None or not hasattr(kern, "decode_qkv"):
+        return None
+    if any(type(c) is not KVCache for c in cache):
+        return None
+    offset = cache[0].offset
+    if any(c.offset != offset for c in cache):
+        return None
+    plans = [_plan(layer, offset) for layer in layers]
+    if any(p is None for p in plans):
+        return None
+    pos = mx.array(offset, dtype=mx.int32)
+    done = 0
+    try:
+        for (qkv_args, rest_args), layer, c in zip(plans, layers, cache):
+            attn = layer.self_attn
+            hd = attn.head_dim
+            q_size, kv_size = attn.n_heads * hd, attn.n_kv_heads * hd
+            keys, values = c.take_buffers(attn.n_kv_heads, hd, hd)
+            try:
+                qkv = kern.decode_qkv(h, pos, **qkv_args)
+                new_keys = kern.kv_write(keys, qkv, pos, q_size)
+                new_values = kern.kv_write(values, qkv, pos, q_size + kv_size)
+                h = kern.decode_rest(h, qkv, new_keys, new_values, pos, **rest_args)
+            except BaseException:
+                c.keys, c.values = keys, values  # untouched: the layer never ran
+                raise
+            del keys, values  # the old buffers are the writes' alone: written in place
+            c.put_buffers(new_keys, new_values)
+            done += 1
+    except BaseException:
+        for c in cache[:done]:  # a kernel refused its arguments: undo the layers that ran
+            c.trim(1)
+        raise
+    return h
