@@ -93,7 +93,9 @@ def test_one_layer_matches_float64_reference(
         q, k = _rms(q, np.array(qn), eps), _rms(k, np.array(kn), eps)
     q = rope_np(q[None, :, None] * mscale, rope_dims, traditional, np.array(periods), 1.0, [S])
     k = rope_np(k[None, :, None] * mscale, rope_dims, traditional, np.array(periods), 1.0, [S])
-    np.testing.assert_allclose(np.array(qkv)[: Hq * Dh], q.reshape(-1), atol=2e-4, rtol=1e-4)
+    # quantized projections round activations to int16 (test_cpu_kernels.qmm_error_bound)
+    tol = 2e-3 * np.abs(q).max()
+    np.testing.assert_allclose(np.array(qkv)[: Hq * Dh], q.reshape(-1), atol=tol)
     k_all = np.concatenate([k_before[:, :, :S], k], axis=2)
     v_all = np.concatenate([v_before[:, :, :S], v[None, :, None]], axis=2)
     att = attention_np(q, k_all, v_all, Dh**-0.5, False).reshape(Hq * Dh)
@@ -104,8 +106,8 @@ def test_one_layer_matches_float64_reference(
     np.testing.assert_allclose(np.array(out).reshape(D), want, atol=2e-3 * np.abs(want).max())
     # the cache: position S written, every other position as before
     got_k, got_v = np.array(new_keys), np.array(new_values)
-    np.testing.assert_allclose(got_k[:, :, S], k[:, :, 0], atol=2e-4, rtol=1e-4)
-    np.testing.assert_allclose(got_v[0, :, S], v, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(got_k[:, :, S], k[:, :, 0], atol=2e-3 * np.abs(k).max())
+    np.testing.assert_allclose(got_v[0, :, S], v, atol=2e-3 * np.abs(v).max())
     others = np.arange(cap) != S
     np.testing.assert_array_equal(got_k[:, :, others], k_before[:, :, others])
     np.testing.assert_array_equal(got_v[:, :, others], v_before[:, :, others])

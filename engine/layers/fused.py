@@ -64,8 +64,41 @@ def _norm_weight(m: Any) -> mx.array | None:
     return m.weight
 
 
-def _plan(layer: Any, offset: int) -> tuple | None:
-    """The kernel arguments of one layer at position `offset`, or None when it does not fit."""
+def _fingerprint(layer: Any) -> tuple | None:
+    """What a cached plan depends on: the identity of every array and module a plan reads.
+    (A cached plan holds its arrays, so their ids cannot be reused while it exists.)"""
+    attn, mlp = layer.get("self_attn"), layer.get("mlp")
+    if attn is None or mlp is None:
+        return None
+    mods = [attn, mlp, layer.get("input_layernorm"), layer.get("post_attention_layernorm")]
+    mods += [attn.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
+    mods += [mlp.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
+    return tuple(id(m) for m in mods) + tuple(
+        id(v) for m in mods if m is not None for v in m.values()
+    )
+
+
+def _cached_plan(layer: Any, offset: int) -> tuple | None:
+    """`_plan`, rebuilt only when the layer's modules or arrays changed (~25 us a layer saved:
+    most of the Python time of a decode step)."""
+    key = _fingerprint(layer)
+    held = layer.__dict__.get("_fused_plan")
+    if held is not None and held[0] == key and key is not None:
+        plan = held[1]
+    else:
+        plan = _plan(layer)
+        layer.__dict__["_fused_plan"] = (key, plan)
+    if plan is None:
+        return None
+    qkv, rest = plan
+    rope = layer.self_attn.rope
+    if rope.rope_type == "dynamic":  # its frequencies depend on the length
+        qkv = dict(qkv, periods=rope.periods_at(offset, 1))
+    return qkv, rest
+
+
+def _plan(layer: Any) -> tuple | None:
+    """The kernel arguments of one layer, or None when it does not fit."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if type(mlp) is not SwiGLU or mlp._act is not nn.silu:
         return None
@@ -94,7 +127,7 @@ def _plan(layer: Any, offset: int) -> tuple | None:
             groups=qkv[2],
             q_norm=q_norm,
             k_norm=k_norm,
-            periods=rope.periods_at(offset, 1),
+            periods=rope.periods_at(0, 1),
             n_heads=attn.n_heads,
             n_kv_heads=attn.n_kv_heads,
             head_dim=attn.head_dim,
@@ -129,7 +162,7 @@ def fused_decode(layers: list, h: mx.array, cache: list | None) -> mx.array | No
     offset = cache[0].offset
     if any(c.offset != offset for c in cache):
         return None
-    plans = [_plan(layer, offset) for layer in layers]
+    plans = [_cached_plan(layer, offset) for layer in layers]
     if any(p is None for p in plans):
         return None
     pos = mx.array(offset, dtype=mx.int32)

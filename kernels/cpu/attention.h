@@ -25,6 +25,13 @@ struct View {
 };
 
 #ifdef LATENT_X86
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
 // e^x for x <= 0 (after subtracting the row max); Cephes-style range reduction + polynomial.
 __attribute__((target("avx2,fma"))) inline __m256 exp_neg(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
@@ -46,9 +53,31 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_neg(__m256 x) {
 }
 
 // Scores of QB query rows (transposed in qt: qt[d*QB + r]) against keys [0, n): s[j*QB + r].
+// Four keys at a time: each key's sum is a chain of dependent FMAs, so one key alone would wait
+// on FMA latency (measured 3-4x slower than four interleaved chains).
 __attribute__((target("avx2,fma"))) inline void scores_block(
     const float* qt, const View& k, int b, int h, int n, int D, float* s) {
-  for (int j = 0; j < n; ++j) {
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = k.row(b, h, j);
+    const float* k1 = k.row(b, h, j + 1);
+    const float* k2 = k.row(b, h, j + 2);
+    const float* k3 = k.row(b, h, j + 3);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+           a3 = _mm256_setzero_ps();
+    for (int d = 0; d < D; ++d) {
+      const __m256 q = _mm256_loadu_ps(qt + d * QB);
+      a0 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(k1 + d), a1);
+      a2 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(k2 + d), a2);
+      a3 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(k3 + d), a3);
+    }
+    _mm256_storeu_ps(s + j * QB, a0);
+    _mm256_storeu_ps(s + (j + 1) * QB, a1);
+    _mm256_storeu_ps(s + (j + 2) * QB, a2);
+    _mm256_storeu_ps(s + (j + 3) * QB, a3);
+  }
+  for (; j < n; ++j) {
     const float* kr = k.row(b, h, j);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int d = 0;
@@ -63,20 +92,84 @@ __attribute__((target("avx2,fma"))) inline void scores_block(
   }
 }
 
-// out row += sum_j p[j*QB + r] * v_j for the keys [0, n), Dv a multiple of 8 (<= 256).
-__attribute__((target("avx2,fma"))) inline void pv_row(
-    const float* p, int r, const View& v, int b, int h, int n, int Dv, float* out) {
-  __m256 acc[32];
-  const int nv = Dv / 8;
-  for (int c = 0; c < nv; ++c) acc[c] = _mm256_setzero_ps();
+// The same scores for R <= 4 query rows given row by row (q + r*D, D a multiple of 8): dot
+// products along d, four keys at a time. One-token decoding of a small GQA group (SmolLM2: 3
+// query heads a K/V head) fills few of the QB lanes above, which then do 8/R times the work.
+// Columns R..QB-1 of s are left unset.
+template <int R>
+__attribute__((target("avx2,fma"))) inline void scores_rows(
+    const float* q, const View& k, int b, int h, int n, int D, float* s) {
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {
+    __m256 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_setzero_ps();
+    const float* kr[4] = {k.row(b, h, j), k.row(b, h, j + 1), k.row(b, h, j + 2),
+                          k.row(b, h, j + 3)};
+    for (int d = 0; d < D; d += 8) {
+      __m256 kv[4];
+      for (int t = 0; t < 4; ++t) kv[t] = _mm256_loadu_ps(kr[t] + d);
+      for (int r = 0; r < R; ++r) {
+        const __m256 qv = _mm256_loadu_ps(q + r * D + d);
+        for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_fmadd_ps(qv, kv[t], acc[r][t]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      // four horizontal sums at once: (k0 k1 k2 k3) for row r
+      const __m256 h01 = _mm256_hadd_ps(acc[r][0], acc[r][1]);
+      const __m256 h23 = _mm256_hadd_ps(acc[r][2], acc[r][3]);
+      const __m256 h = _mm256_hadd_ps(h01, h23);
+      const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      alignas(16) float out[4];
+      _mm_store_ps(out, sum);
+      for (int t = 0; t < 4; ++t) s[(j + t) * QB + r] = out[t];
+    }
+  }
+  for (; j < n; ++j) {
+    const float* kj = k.row(b, h, j);
+    for (int r = 0; r < R; ++r) {
+      __m256 a = _mm256_setzero_ps();
+      for (int d = 0; d < D; d += 8) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), _mm256_loadu_ps(kj + d), a);
+      }
+      s[j * QB + r] = hsum8(a);
+    }
+  }
+}
+
+// out[0, 8*NV) = sum_j p[j*QB + r] * v_j[c0, c0 + 8*NV): NV accumulators held in registers
+// (an array indexed at run time lived on the stack, and each key waited on a store-to-load
+// round trip).
+template <int NV>
+__attribute__((target("avx2,fma"))) inline void pv_tile(
+    const float* p, int r, const View& v, int b, int h, int n, int c0, float* out) {
+  __m256 acc[NV];
+  for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_ps();
   for (int j = 0; j < n; ++j) {
     const float w = p[j * QB + r];
     if (w == 0.f) continue;
     const __m256 wb = _mm256_set1_ps(w);
-    const float* vr = v.row(b, h, j);
-    for (int c = 0; c < nv; ++c) acc[c] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+    const float* vr = v.row(b, h, j) + c0;
+    for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(vr + 8 * c), acc[c]);
   }
-  for (int c = 0; c < nv; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+  for (int c = 0; c < NV; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
+// out row = sum_j p[j*QB + r] * v_j for the keys [0, n), Dv a multiple of 8 (<= 256).
+__attribute__((target("avx2,fma"))) inline void pv_row(
+    const float* p, int r, const View& v, int b, int h, int n, int Dv, float* out) {
+  for (int c0 = 0; c0 < Dv; c0 += 64) {
+    switch (std::min(8, (Dv - c0) / 8)) {
+      case 8: pv_tile<8>(p, r, v, b, h, n, c0, out + c0); break;
+      case 7: pv_tile<7>(p, r, v, b, h, n, c0, out + c0); break;
+      case 6: pv_tile<6>(p, r, v, b, h, n, c0, out + c0); break;
+      case 5: pv_tile<5>(p, r, v, b, h, n, c0, out + c0); break;
+      case 4: pv_tile<4>(p, r, v, b, h, n, c0, out + c0); break;
+      case 3: pv_tile<3>(p, r, v, b, h, n, c0, out + c0); break;
+      case 2: pv_tile<2>(p, r, v, b, h, n, c0, out + c0); break;
+      default: pv_tile<1>(p, r, v, b, h, n, c0, out + c0); break;
+    }
+  }
 }
 
 // Column-wise softmax of s (n keys x QB rows) in place. With m_out/l_out given, the columns are
@@ -187,7 +280,20 @@ inline void decode_attention(const float* q, const View& kv, const View& vv, int
         limit[r] = len - 1;
       }
       sbuf.resize(size_t(len) * QB);
-      scores_block(qt.data(), kr, 0, hk, len, s.Dh, sbuf.data());
+      const float* q0 = q + size_t(hk * group + r0) * s.Dh;
+      if (s.Dh % 8 == 0 && rows <= 4) {
+        // the unused columns only need finite values for the softmax below
+        for (int j = 0; j < len; ++j)
+          for (int r = rows; r < QB; ++r) sbuf[size_t(j) * QB + r] = 0.f;
+        switch (rows) {
+          case 1: scores_rows<1>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
+          case 2: scores_rows<2>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
+          case 3: scores_rows<3>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
+          default: scores_rows<4>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
+        }
+      } else {
+        scores_block(qt.data(), kr, 0, hk, len, s.Dh, sbuf.data());
+      }
       softmax_cols(sbuf.data(), len, limit, scale, &pmax[size_t(it) * QB],
                    &psum[size_t(it) * QB]);
       for (int r = 0; r < rows; ++r) {

@@ -81,20 +81,6 @@ inline Lin bind_linear(const LinSpec& s, const std::vector<mx::array>& in) {
   return l;
 }
 
-#ifdef LATENT_X86
-__attribute__((target("avx2,fma"))) inline float dot_avx2(const float* a, const float* b, int K) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  int k = 0;
-  for (; k + 16 <= K; k += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
-  }
-  float t = hsum(_mm256_add_ps(s0, s1));
-  for (; k < K; ++k) t += a[k] * b[k];
-  return t;
-}
-#endif
-
 inline float dot(const float* a, const float* b, int K) {
 #ifdef LATENT_X86
   if (has_avx2()) return dot_avx2(a, b, K);
