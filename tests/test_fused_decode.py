@@ -264,3 +264,22 @@ def test_bad_arguments_are_refused_clearly():
         K.qmm_rows(mx.zeros((1, 128)), w, s.astype(mx.int32), b.astype(mx.int32), 32, 4)
     with pytest.raises(ValueError, match="kv_write"):
         K.kv_write(mx.zeros((2, 2, 8, 4)), mx.zeros((24,)), pos, 0)
+
+
+def test_compiled_step_equals_uncompiled_and_traces_once_per_capacity(monkeypatch):
+    model = _model("llama", 4)
+    prompt = [(i * 11) % 320 for i in range(200)]
+    monkeypatch.setattr(fused, "COMPILE", False)
+    want = _decode(model, prompt, 80, True, monkeypatch)  # positions 200..279: one growth at 256
+    assert "_fused_step" not in model.layers[0].__dict__
+    monkeypatch.setattr(fused, "COMPILE", True)
+    got = _decode(model, prompt, 80, True, monkeypatch)
+    np.testing.assert_array_equal(got, want)
+    _, _, traced = model.layers[0].__dict__["_fused_step"]
+    assert traced.traces == 2  # once for the 256-position buffers, once after they grew to 512
+    # new weights (a fused adapter, a reload) get a new compiled step, not the stale one
+    held = model.layers[0].__dict__["_fused_step"]
+    layer = model.layers[1].mlp.down_proj
+    layer.scales = layer.scales * 2
+    _decode(model, prompt[:10], 3, True, monkeypatch)
+    assert model.layers[0].__dict__["_fused_step"] is not held

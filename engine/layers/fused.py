@@ -12,7 +12,8 @@ with q/k/v/o projections (affine 4/8-bit or float32, biases allowed), optional q
 `SwiGLU` with SiLU, RMSNorms, and a float32 `KVCache`. Anything else (LoRA wrappers, a
 quantized KV cache, a sliding window in force, other devices) returns None and the caller runs
 the layers as usual. The position travels as an int32 array, so the graph of a step does not
-depend on it.
+depend on it: `LATENT_COMPILE_DECODE=1` runs the whole step through `mx.compile` (one trace per
+cache capacity), measured slower than the eager step here and so off by default.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from engine.quant.cpu import cpu_kernels_for, linear_parts
 
 # LATENT_NO_FUSED_DECODE=1 runs the layers op by op (for comparison and debugging)
 ENABLED = not os.environ.get("LATENT_NO_FUSED_DECODE")
+# LATENT_COMPILE_DECODE=1 runs the fused step through mx.compile. Off by default: measured 3-7%
+# slower than the eager step (BENCHMARKS.md, "Where one decoded token's milliseconds go"), whose
+# ~125 kernel calls already cost only ~0.25 ms of Python a token, overlapped with the previous
+# step by the generation loop's async evaluation.
+COMPILE = bool(os.environ.get("LATENT_COMPILE_DECODE"))
 
 _ATTENTION_ATTRS = (
     "q_proj",
@@ -88,13 +94,11 @@ def _cached_plan(layer: Any, offset: int) -> tuple | None:
     else:
         plan = _plan(layer)
         layer.__dict__["_fused_plan"] = (key, plan)
-    if plan is None:
-        return None
-    qkv, rest = plan
-    rope = layer.self_attn.rope
-    if rope.rope_type == "dynamic":  # its frequencies depend on the length
-        qkv = dict(qkv, periods=rope.periods_at(offset, 1))
-    return qkv, rest
+    rope = layer.self_attn.rope if plan is not None else None
+    if rope is not None and rope.rope_type == "dynamic":  # its frequencies depend on the length
+        qkv, rest = plan
+        return dict(qkv, periods=rope.periods_at(offset, 1)), rest
+    return plan  # the cached object itself: the compiled step is keyed on it
 
 
 def _plan(layer: Any) -> tuple | None:
@@ -149,6 +153,51 @@ def _plan(layer: Any) -> tuple | None:
     )
 
 
+def _layer_step(kern, h, pos, keys, values, plan, sizes):
+    qkv_args, rest_args = plan
+    q_size, kv_size = sizes
+    qkv = kern.decode_qkv(h, pos, **qkv_args)
+    keys = kern.kv_write(keys, qkv, pos, q_size)
+    values = kern.kv_write(values, qkv, pos, q_size + kv_size)
+    return kern.decode_rest(h, qkv, keys, values, pos, **rest_args), keys, values
+
+
+def _step_function(kern, plans: list, sizes: list):
+    """f(h, pos, k0, v0, k1, v1, ...) -> (h, k0', v0', ...): every layer, weights as constants."""
+
+    def step(h, pos, *buffers):
+        step.traces += 1  # runs only while MLX traces it (tests read this)
+        out = []
+        for i, (plan, size) in enumerate(zip(plans, sizes)):
+            h, k, v = _layer_step(kern, h, pos, buffers[2 * i], buffers[2 * i + 1], plan, size)
+            out += [k, v]
+        return (h, *out)
+
+    step.traces = 0
+    return step
+
+
+def _compiled_step(layers: list, kern, plans: list, sizes: list):
+    """The `mx.compile`d step for these plans (when `COMPILE`), kept on the first layer until a
+    plan changes.
+
+    Compiled, a step is one call that replays the traced graph (retraced only when the cache
+    buffers grow, every 256 positions: the position is an input array, so the graph does not
+    depend on it) instead of ~120 Python kernel calls. Frequencies of a "dynamic" RoPE change
+    with the length, so such models run uncompiled.
+    """
+    if not COMPILE or any(layer.self_attn.rope.rope_type == "dynamic" for layer in layers):
+        return None
+    key = (id(kern), tuple(id(p) for p in plans))
+    held = layers[0].__dict__.get("_fused_step")
+    if held is not None and held[0] == key:
+        return held[1]
+    fn = _step_function(kern, plans, sizes)
+    compiled = mx.compile(fn)
+    layers[0].__dict__["_fused_step"] = (key, compiled, fn)  # fn.traces: how often it traced
+    return compiled
+
+
 def fused_decode(layers: list, h: mx.array, cache: list | None) -> mx.array | None:
     """Run `layers` on h (1, 1, D) with our fused kernels, updating `cache`; None when they do
     not apply (then nothing has been touched)."""
@@ -165,27 +214,23 @@ def fused_decode(layers: list, h: mx.array, cache: list | None) -> mx.array | No
     plans = [_cached_plan(layer, offset) for layer in layers]
     if any(p is None for p in plans):
         return None
+    sizes = []
+    for layer in layers:
+        attn = layer.self_attn
+        sizes.append((attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim))
     pos = mx.array(offset, dtype=mx.int32)
-    done = 0
+    buffers = []
+    for layer, c in zip(layers, cache):
+        attn = layer.self_attn
+        buffers += c.take_buffers(attn.n_kv_heads, attn.head_dim, attn.head_dim)
     try:
-        for (qkv_args, rest_args), layer, c in zip(plans, layers, cache):
-            attn = layer.self_attn
-            hd = attn.head_dim
-            q_size, kv_size = attn.n_heads * hd, attn.n_kv_heads * hd
-            keys, values = c.take_buffers(attn.n_kv_heads, hd, hd)
-            try:
-                qkv = kern.decode_qkv(h, pos, **qkv_args)
-                new_keys = kern.kv_write(keys, qkv, pos, q_size)
-                new_values = kern.kv_write(values, qkv, pos, q_size + kv_size)
-                h = kern.decode_rest(h, qkv, new_keys, new_values, pos, **rest_args)
-            except BaseException:
-                c.keys, c.values = keys, values  # untouched: the layer never ran
-                raise
-            del keys, values  # the old buffers are the writes' alone: written in place
-            c.put_buffers(new_keys, new_values)
-            done += 1
+        step = _compiled_step(layers, kern, plans, sizes) or _step_function(kern, plans, sizes)
+        h, *new = step(h, pos, *buffers)
     except BaseException:
-        for c in cache[:done]:  # a kernel refused its arguments: undo the layers that ran
-            c.trim(1)
+        for i, c in enumerate(cache):  # a kernel refused its arguments: nothing has run
+            c.keys, c.values = buffers[2 * i], buffers[2 * i + 1]
         raise
+    del buffers  # the old buffers are the writes' alone now: written in place
+    for i, c in enumerate(cache):
+        c.put_buffers(new[2 * i], new[2 * i + 1])
     return h

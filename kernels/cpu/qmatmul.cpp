@@ -397,9 +397,51 @@ __attribute__((target("avx2,fma"))) inline float dot_avx2(const float* a, const 
     s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
     s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
   }
-  float t = hsum(_mm256_add_ps(s0, s1));
-  for (; k < K; ++k) t += a[k] * b[k];
-  return t;
+  if (k + 8 <= K) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    k += 8;
+  }
+  if (k < K) {  // the last 1-7 elements through a masked load
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(K - k),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    s1 = _mm256_fmadd_ps(_mm256_maskload_ps(a + k, mask), _mm256_maskload_ps(b + k, mask), s1);
+  }
+  return hsum(_mm256_add_ps(s0, s1));
+}
+
+// One 64-weight pair of a 4-bit row (32 bytes; a last lone block of 32 is zero-extended, its x
+// being 0 there) into acc[j] for MB activation rows: the nibbles as 16-bit lanes, vpmaddwd
+// against the int16 activations, exact int32 sums per block, then x scale and weight scale.
+template <int MB>
+__attribute__((target("avx2,fma"), always_inline)) inline void q4_pair(
+    const uint8_t* wr, int k, int K, const float* sf, int g, const int16_t* const* xq,
+    const float* const* xd, __m256 (&acc)[MB]) {
+  const __m256i nib = _mm256_set1_epi16(0x000F);
+  const __m256i v = k + 64 <= K
+      ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k / 2))
+      : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k / 2)));
+  const __m256i q0 = _mm256_and_si256(v, nib);
+  const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+  const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), nib);
+  const __m256i q3 = _mm256_srli_epi16(v, 12);
+  // g = 32: blocks A and B have their own scales (sf has a spare entry past a lone last block)
+  const __m256 sw = g == 32
+      ? _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(
+                _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sf + k / 32)))),
+            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1))
+      : g % 64 == 0 ? _mm256_set1_ps(sf[k / g])
+                    : _mm256_set_m128(_mm_set1_ps(sf[(k + 32) / g]), _mm_set1_ps(sf[k / g]));
+  for (int j = 0; j < MB; ++j) {
+    const __m256i* x = reinterpret_cast<const __m256i*>(xq[j] + k);
+    const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_loadu_si256(x)),
+                                        _mm256_madd_epi16(q1, _mm256_loadu_si256(x + 1)));
+    const __m256i p1 = _mm256_add_epi32(_mm256_madd_epi16(q2, _mm256_loadu_si256(x + 2)),
+                                        _mm256_madd_epi16(q3, _mm256_loadu_si256(x + 3)));
+    const __m256 d = _mm256_loadu_ps(xd[j] + k / 64 * 8);
+    acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), d), sw,
+                             acc[j]);
+  }
 }
 
 // Up to MB activation rows at once, so each unpacked weight vector is reused MB times.
@@ -424,45 +466,47 @@ __attribute__((target("avx2,fma,f16c"))) void qmm_rows_avx2_block(
     xd[j] = a.xd.data() + size_t(m0 + j) * xd_row;
     xs[j] = a.xsum.data() + size_t(m0 + j) * groups;
   }
-  std::vector<float> sf(groups + 1, 0.f), bf(groups);  // this row's scales/biases as float32
-  const __m256i nib = _mm256_set1_epi16(0x000F);
+  // this row's scales/biases as float32 (half-precision ones converted; one spare entry at the
+  // end of the scales for the lone last block of a 64-weight pair)
+  std::vector<float> sbuf(groups + 1, 0.f), bbuf(groups);
   const __m256i byte = _mm256_set1_epi16(0x00FF);
-  const __m256i two_blocks = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  constexpr int ahead = 4;  // rows prefetched ahead: DRAM latency, not bandwidth, stalled the loads
   for (int n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * row_bytes;
-    row_to_f32(scales + size_t(n) * groups, groups, sf.data());
-    row_to_f32(biases + size_t(n) * groups, groups, bf.data());
+    if (n + ahead < n1) {
+      const char* next = reinterpret_cast<const char*>(wr + ahead * row_bytes);
+      for (size_t off = 0; off < row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(scales + size_t(n + ahead) * groups), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(biases + size_t(n + ahead) * groups), _MM_HINT_T0);
+    }
+    const float* sf;
+    const float* bf;
+    if constexpr (std::is_same_v<S, float>) {
+      sf = scales + size_t(n) * groups;
+      bf = biases + size_t(n) * groups;
+      if (K % 64 != 0 && g % 64 != 0) {  // the pair scales below would read one past the row
+        std::copy_n(sf, groups, sbuf.data());
+        sf = sbuf.data();
+      }
+    } else {
+      row_to_f32(scales + size_t(n) * groups, groups, sbuf.data());
+      row_to_f32(biases + size_t(n) * groups, groups, bbuf.data());
+      sf = sbuf.data();
+      bf = bbuf.data();
+    }
     __m256 total[MB];
     for (int j = 0; j < MB; ++j) total[j] = _mm256_setzero_ps();
     if (bits == 4) {
-      for (int k = 0; k < K; k += 64) {
-        // 32 bytes = 64 weights; a last single block of 32 is zero-extended (its x is 0 there)
-        const __m256i v = k + 64 <= K
-            ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k / 2))
-            : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k / 2)));
-        const __m256i q0 = _mm256_and_si256(v, nib);
-        const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-        const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), nib);
-        const __m256i q3 = _mm256_srli_epi16(v, 12);
-        // g = 32: blocks A and B have their own scales (sf has one spare entry at the end)
-        const __m256 sw = g == 32
-            ? _mm256_permutevar8x32_ps(
-                  _mm256_castps128_ps256(_mm_castpd_ps(
-                      _mm_load_sd(reinterpret_cast<const double*>(sf.data() + k / 32)))),
-                  two_blocks)
-            : g % 64 == 0 ? _mm256_set1_ps(sf[k / g])
-                          : _mm256_set_m128(_mm_set1_ps(sf[(k + 32) / g]), _mm_set1_ps(sf[k / g]));
-        for (int j = 0; j < MB; ++j) {
-          const __m256i* x = reinterpret_cast<const __m256i*>(xq[j] + k);
-          const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_loadu_si256(x)),
-                                              _mm256_madd_epi16(q1, _mm256_loadu_si256(x + 1)));
-          const __m256i p1 = _mm256_add_epi32(_mm256_madd_epi16(q2, _mm256_loadu_si256(x + 2)),
-                                              _mm256_madd_epi16(q3, _mm256_loadu_si256(x + 3)));
-          const __m256 d = _mm256_loadu_ps(xd[j] + k / 64 * 8);
-          total[j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), d),
-                                     sw, total[j]);
-        }
+      // two accumulator sets on alternate pairs: one FMA chain per row was latency-bound
+      __m256 odd[MB];
+      for (int j = 0; j < MB; ++j) odd[j] = _mm256_setzero_ps();
+      int k = 0;
+      for (; k + 128 <= K; k += 128) {
+        q4_pair<MB>(wr, k, K, sf, g, xq, xd, total);
+        q4_pair<MB>(wr, k + 64, K, sf, g, xq, xd, odd);
       }
+      for (; k < K; k += 64) q4_pair<MB>(wr, k, K, sf, g, xq, xd, total);
+      for (int j = 0; j < MB; ++j) total[j] = _mm256_add_ps(total[j], odd[j]);
     } else {
       for (int k = 0; k < K; k += 32) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
@@ -479,7 +523,7 @@ __attribute__((target("avx2,fma,f16c"))) void qmm_rows_avx2_block(
       }
     }
     for (int j = 0; j < MB; ++j) {
-      y[size_t(m0 + j) * N + n] = hsum(total[j]) + dot_avx2(bf.data(), xs[j], groups);
+      y[size_t(m0 + j) * N + n] = hsum(total[j]) + dot_avx2(bf, xs[j], groups);
     }
   }
 }
