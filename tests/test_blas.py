@@ -80,5 +80,6 @@ def test_blas_prefill_path_matches_quantized_matmul():
     assert use_blas_prefill(model, force=True) > 0
     assert use_blas_prefill(model, force=True) == 0  # idempotent
     np.testing.assert_allclose(np.array(model(ids)), np.array(ref), atol=1e-4)
-    # one row goes through our qmm_rows kernel: same math, another summation order
-    np.testing.assert_allclose(np.array(model(ids[:, :1])), np.array(one_ref), atol=1e-5)
+    # one row goes through our qmm_rows kernel: the same math with the activations rounded to
+    # int16 per 32-element block (tests/test_cpu_kernels.py bounds that error per matvec)
+    np.testing.assert_allclose(np.array(model(ids[:, :1])), np.array(one_ref), atol=1e-3)
