@@ -15,18 +15,20 @@ import mlx.core as mx
 
 
 class KVCache:
-    """Keys/values of one attention layer: (B, H_kv, S, D_k) and (B, H_kv, S, D_v)."""
+    """Keys/values of one attention layer: (B, H_kv, S, D_k) and (B, H_kv, S, D_v).
+
+    `dtype` is the storage dtype (None: the keys' own). float16 under float32 compute
+    (`engine.load(..., kv_bits=16)`) halves the cache's memory and the bytes one decoded token
+    reads from it; our CPU attention kernels read it as stored and compute in float32.
+    """
 
     step = 256
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: mx.Dtype | None = None) -> None:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
-
-    def _grow(self, k: mx.array, v: mx.array, needed: int) -> None:
-        b, h, _, dk = k.shape
-        self._allocate(b, h, dk, v.shape[-1], k.dtype, needed)
+        self.dtype = dtype
 
     def _allocate(self, b: int, h: int, dk: int, dv: int, dtype: mx.Dtype, needed: int) -> None:
         n_steps = (needed + self.step - 1) // self.step
@@ -42,31 +44,35 @@ class KVCache:
         """Append L new positions (B, H, L, D); return all held keys and values."""
         n = keys.shape[2]
         end = self.offset + n
+        store = self.dtype or keys.dtype
         if (
             self.keys is None
             or end > self.keys.shape[2]
             or self.keys.shape[0] != keys.shape[0]
-            or self.keys.dtype != keys.dtype
+            or self.keys.dtype != store
         ):
-            self._grow(keys, values, end)
+            b, h, _, dk = keys.shape
+            self._allocate(b, h, dk, values.shape[-1], store, end)
         self.keys[..., self.offset : end, :] = keys
         self.values[..., self.offset : end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     def take_buffers(self, n_kv_heads: int, dk: int, dv: int) -> tuple[mx.array, mx.array]:
-        """Hand over the float32 (1, H, capacity, D) buffers, grown so position `offset` fits,
-        for a kernel to write that position (engine/layers/fused.py); `put_buffers` takes the
-        results back. The cache lets go of them meanwhile, so the write can happen in place."""
+        """Hand over the (1, H, capacity, D) buffers (float32, or `dtype`), grown so position
+        `offset` fits, for a kernel to write that position (engine/layers/fused.py);
+        `put_buffers` takes the results back. The cache lets go of them meanwhile, so the write
+        can happen in place."""
         k = self.keys
+        store = self.dtype or mx.float32
         if (
             k is None
             or self.offset + 1 > k.shape[2]
             or k.shape[:2] != (1, n_kv_heads)
             or k.shape[3] != dk
-            or k.dtype != mx.float32
+            or k.dtype != store
         ):
-            self._allocate(1, n_kv_heads, dk, dv, mx.float32, self.offset + 1)
+            self._allocate(1, n_kv_heads, dk, dv, store, self.offset + 1)
         keys, values = self.keys, self.values
         self.keys = self.values = None
         return keys, values
@@ -241,7 +247,10 @@ class QuantizedKVCache:
 
 
 def make_kv_caches(n_layers: int, kv_bits: int | None = None) -> list:
-    """One cache per layer: `KVCache`, or `QuantizedKVCache` when `kv_bits` is 4 or 8."""
+    """One cache per layer: `KVCache` (16: storing float16), or `QuantizedKVCache` when
+    `kv_bits` is 4 or 8."""
+    if kv_bits == 16:
+        return [KVCache(mx.float16) for _ in range(n_layers)]
     if kv_bits:
         return [QuantizedKVCache(kv_bits) for _ in range(n_layers)]
     return [KVCache() for _ in range(n_layers)]

@@ -152,7 +152,8 @@ def storage(loaded_or_model: Any) -> Storage:
     cache = model.make_cache()
     mx.eval(model(mx.array([[0]], dtype=mx.int32), cache=cache))
     measured = int(sum(getattr(c, "bytes_per_token", 0) for c in cache))
-    item = _float_dtype(model).size
+    store = getattr(cache[0], "dtype", None)  # a KVCache's storage dtype (float16 on the CPU)
+    item = (store or _float_dtype(model)).size
     if hasattr(attn, "q_head_dim"):  # MLA: full per-head K (nope + rope) and V
         full = n_layers * n_heads * (attn.q_head_dim + attn.v_head_dim) * item
         kind = "mla latent"
@@ -163,6 +164,8 @@ def storage(loaded_or_model: Any) -> Storage:
         kind = "mha" if n_kv == n_heads else f"gqa ({n_kv} kv heads)"
     if type(cache[0]).__name__.startswith("Quantized"):
         kind = f"quantized {kind}"
+    elif store is not None and store != _float_dtype(model):
+        kind = f"{kind}, {str(store).replace('mlx.core.', '')}"
     return Storage(
         rows, totals, sum(totals.values()), n_layers, n_heads, per_head, measured, full, kind
     )

@@ -31,6 +31,7 @@ from engine.config import check_gguf, gguf_config, load_hf_config, read_gguf_hea
 from engine.device import cast_weights, compute_dtype, dtype_name, parse_dtype
 from engine.errors import LatentError, ModelLoadError
 from engine.models import get_model_classes
+from engine.models.base import KVCacheModel
 
 
 @dataclass
@@ -414,9 +415,14 @@ def load(
         model = build_model(config, weights, path, cdtype)
         where, name = path, _folder_name(path)
     del weights
-    if kv_bits is not None:  # quantized KV/latent cache, read by the model's make_cache()
-        if kv_bits not in (4, 8):
-            raise ModelLoadError(f"kv_bits={kv_bits}: expected 4 or 8")
+    if kv_bits is not None:  # quantized (4/8) or float16 (16) cache, read by make_cache()
+        if kv_bits not in (4, 8, 16):
+            raise ModelLoadError(f"kv_bits={kv_bits}: expected 4, 8 or 16")
+        if kv_bits == 16 and not isinstance(model, KVCacheModel):
+            raise ModelLoadError(
+                f"kv_bits=16: model_type {config['model_type']!r} has no plain K/V cache to store "
+                "in float16 (use 8 or 4)"
+            )
         if not getattr(model, "supports_kv_bits", False):
             raise ModelLoadError(
                 f"kv_bits={kv_bits}: model_type {config['model_type']!r} has no quantized cache"

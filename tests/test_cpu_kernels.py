@@ -254,6 +254,19 @@ def test_attention_matches_float64_reference(B, Hq, Hkv, L, S, D, Dv, causal):
     np.testing.assert_allclose(got, attention_np(q, k, v, 0.3, causal), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("L,S", [(1, 300), (1, 5), (17, 40)])
+def test_attention_reads_float16_keys_and_values(L, S):
+    """A float16 KV cache: the kernel reads K/V as stored and computes in float32."""
+    q = mx.random.normal((1, 9, L, 64))
+    k = mx.random.normal((1, 3, S, 64)).astype(mx.float16)
+    v = mx.random.normal((1, 3, S, 64)).astype(mx.float16)
+    got = np.array(K.attention(q, k, v, 0.125, True))
+    want = attention_np(q, k.astype(mx.float32), v.astype(mx.float32), 0.125, True)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="one dtype"):
+        K.attention(q, k, v.astype(mx.float32), 0.125, True)
+
+
 def test_attention_reads_a_kv_cache_view_and_has_mlx_gradients():
     buf = mx.random.normal((1, 3, 768, 64))  # a cache buffer longer than what it holds
     k, v = buf[:, :, :500, :], buf[:, :, :500, :] * 2

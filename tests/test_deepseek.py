@@ -245,7 +245,7 @@ def test_bad_checkpoints_name_key_and_expected_value(tmp_path):
 
     _edit_config(folder, qk_nope_head_dim=16)
     engine.load(folder)  # restored: loads again
-    with pytest.raises(ModelLoadError, match=r"^kv_bits=3: expected 4 or 8$"):
+    with pytest.raises(ModelLoadError, match=r"^kv_bits=3: expected 4, 8 or 16$"):
         engine.load(folder, kv_bits=3)
 
     from safetensors.numpy import load_file, save_file

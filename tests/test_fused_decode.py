@@ -32,16 +32,18 @@ def _linear(n, k, bits, group, bias, seed):
 
 
 @pytest.mark.parametrize(
-    "Hq,Hkv,bits,group,bias,qk_norm,traditional,rope_dims,mscale",
+    "Hq,Hkv,bits,group,bias,qk_norm,traditional,rope_dims,mscale,kv_dtype",
     [
-        (4, 4, 0, 0, False, False, False, 32, 1.0),  # dense float32, MHA
-        (9, 3, 4, 32, False, False, False, 32, 1.0),  # SmolLM2's shape of GQA, Q4 g32
-        (12, 1, 8, 64, True, False, True, 32, 1.0),  # 12 query heads on one K/V head (2 blocks)
-        (4, 2, 4, 64, True, True, False, 16, 1.3),  # qwen3-style q/k norm, partial rotary, yarn
+        (4, 4, 0, 0, False, False, False, 32, 1.0, "float32"),  # dense float32, MHA
+        (9, 3, 4, 32, False, False, False, 32, 1.0, "float32"),  # SmolLM2's GQA shape, Q4 g32
+        (9, 3, 4, 32, False, False, False, 32, 1.0, "float16"),  # ... on a float16 cache
+        (12, 1, 8, 64, True, False, True, 32, 1.0, "float32"),  # 12 query heads, one K/V head
+        (12, 1, 8, 64, True, False, True, 32, 1.0, "float16"),  # (2 blocks: the >4-rows path)
+        (4, 2, 4, 64, True, True, False, 16, 1.3, "float32"),  # qwen3 q/k norm, partial, yarn
     ],
 )
 def test_one_layer_matches_float64_reference(
-    Hq, Hkv, bits, group, bias, qk_norm, traditional, rope_dims, mscale
+    Hq, Hkv, bits, group, bias, qk_norm, traditional, rope_dims, mscale, kv_dtype
 ):
     D, Dh, I, S, eps = 128, 32, 256, 37, 1e-5  # S keys already cached; the new token is at S
     rng = np.random.default_rng(0)
@@ -58,9 +60,10 @@ def test_one_layer_matches_float64_reference(
     periods = mx.array(10000.0 ** (np.arange(0, rope_dims, 2) / rope_dims), dtype=mx.float32)
     h = mx.array(rng.normal(size=(1, 1, D)).astype(np.float32))
     cap = 64
-    keys = mx.array(rng.normal(size=(1, Hkv, cap, Dh)).astype(np.float32))
-    values = mx.array(rng.normal(size=(1, Hkv, cap, Dh)).astype(np.float32))
-    k_before, v_before = np.array(keys), np.array(values)
+    store = getattr(mx, kv_dtype)
+    keys = mx.array(rng.normal(size=(1, Hkv, cap, Dh)).astype(np.float32)).astype(store)
+    values = mx.array(rng.normal(size=(1, Hkv, cap, Dh)).astype(np.float32)).astype(store)
+    k_before, v_before = np.array(keys.astype(mx.float32)), np.array(values.astype(mx.float32))
     pos = mx.array(S, dtype=mx.int32)
 
     def parts(*names):
@@ -96,6 +99,8 @@ def test_one_layer_matches_float64_reference(
     # quantized projections round activations to int16 (test_cpu_kernels.qmm_error_bound)
     tol = 2e-3 * np.abs(q).max()
     np.testing.assert_allclose(np.array(qkv)[: Hq * Dh], q.reshape(-1), atol=tol)
+    if kv_dtype == "float16":  # the cache holds the new position rounded, and attention reads that
+        k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
     k_all = np.concatenate([k_before[:, :, :S], k], axis=2)
     v_all = np.concatenate([v_before[:, :, :S], v[None, :, None]], axis=2)
     att = attention_np(q, k_all, v_all, Dh**-0.5, False).reshape(Hq * Dh)
@@ -105,7 +110,8 @@ def test_one_layer_matches_float64_reference(
     want = a + proj("down", g / (1 + np.exp(-g)) * u)
     np.testing.assert_allclose(np.array(out).reshape(D), want, atol=2e-3 * np.abs(want).max())
     # the cache: position S written, every other position as before
-    got_k, got_v = np.array(new_keys), np.array(new_values)
+    assert new_keys.dtype == store and new_values.dtype == store
+    got_k, got_v = np.array(new_keys.astype(mx.float32)), np.array(new_values.astype(mx.float32))
     np.testing.assert_allclose(got_k[:, :, S], k[:, :, 0], atol=2e-3 * np.abs(k).max())
     np.testing.assert_allclose(got_v[0, :, S], v, atol=2e-3 * np.abs(v).max())
     others = np.arange(cap) != S
@@ -283,3 +289,31 @@ def test_compiled_step_equals_uncompiled_and_traces_once_per_capacity(monkeypatc
     layer.scales = layer.scales * 2
     _decode(model, prompt[:10], 3, True, monkeypatch)
     assert model.layers[0].__dict__["_fused_step"] is not held
+
+
+def test_float16_kv_cache_halves_the_bytes_and_decodes_alike(monkeypatch):
+    from engine.cache import KVCache
+
+    model = _model("llama", 4)
+    monkeypatch.setattr(fused, "ENABLED", True)
+    half, full = model.make_cache(16), model.make_cache()
+    assert all(type(c) is KVCache and c.dtype == mx.float16 for c in half)
+    prompt = mx.array([list(range(40))])
+    for cache in (half, full):
+        model(prompt, cache=cache)
+    assert half[0].keys.dtype == mx.float16 and full[0].keys.dtype == mx.float32
+    assert 2 * half[0].bytes_per_token == full[0].bytes_per_token
+    for t in (3, 9, 27):  # fused decode steps on each: K/V rounded to float16, math in float32
+        a, b = model(mx.array([[t]]), cache=half), model(mx.array([[t]]), cache=full)
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-2)
+    assert half[0].keys.dtype == mx.float16 and half[0].offset == 43
+
+
+def test_load_takes_kv_bits_16(default_model_path):
+    import engine
+    from engine.errors import ModelLoadError
+
+    lm = engine.load(default_model_path, kv_bits=16)
+    assert lm.model.make_cache()[0].dtype == mx.float16
+    with pytest.raises(ModelLoadError, match="expected 4, 8 or 16"):
+        engine.load(default_model_path, kv_bits=12)

@@ -65,9 +65,12 @@ def scaled_dot_product_attention(
     of a prompt chunk here); array masks (padding, windows) keep MLX's op.
     """
     if (mask is None or (isinstance(mask, str) and mask == "causal")) and q.ndim == 4:
-        kern = cpu_kernels_for(q, k, v)
-        if kern is not None:
+        kern = cpu_kernels_for(q)
+        if kern is not None and k.dtype == v.dtype and k.dtype in (mx.float32, mx.float16):
+            # K/V may come from a float16 cache (engine/cache.py): read as they are
             return kern.attention(q, k, v, scale, mask == "causal")
+    if k.dtype != q.dtype:  # a float16 cache under float32 compute, on MLX's own op
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     if isinstance(mask, mx.array) and mask.dtype != mx.bool_ and mask.dtype != q.dtype:
         mask = mask.astype(q.dtype)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -18,13 +18,33 @@ namespace latent_attention {
 
 constexpr int QB = 8;  // query rows per work item
 
-struct View {
-  const float* data;
+// K/V element types: float32, or float16 held as its bits (a float16 KV cache).
+using Half = uint16_t;
+
+template <typename T>
+struct ViewT {
+  const T* data;
   int64_t sb, sh, ss;  // strides (elements) of batch, head, sequence; last dim contiguous
-  const float* row(int b, int h, int s) const { return data + b * sb + h * sh + s * ss; }
+  const T* row(int b, int h, int s) const { return data + b * sb + h * sh + s * ss; }
+  ViewT from(int k0) const { return {data + k0 * ss, sb, sh, ss}; }  // keys k0.. of each head
 };
+using View = ViewT<float>;
+
+inline float to_float(float x) { return x; }
+inline float to_float(Half h) {
+  mx::float16_t v;
+  std::memcpy(&v, &h, sizeof(h));
+  return static_cast<float>(v);
+}
 
 #ifdef LATENT_X86
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -96,19 +116,18 @@ __attribute__((target("avx2,fma"))) inline void scores_block(
 // products along d, four keys at a time. One-token decoding of a small GQA group (SmolLM2: 3
 // query heads a K/V head) fills few of the QB lanes above, which then do 8/R times the work.
 // Columns R..QB-1 of s are left unset.
-template <int R>
-__attribute__((target("avx2,fma"))) inline void scores_rows(
-    const float* q, const View& k, int b, int h, int n, int D, float* s) {
+template <int R, typename T>
+__attribute__((target("avx2,fma,f16c"))) inline void scores_rows(
+    const float* q, const ViewT<T>& k, int b, int h, int n, int D, float* s) {
   int j = 0;
   for (; j + 4 <= n; j += 4) {
     __m256 acc[R][4];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_setzero_ps();
-    const float* kr[4] = {k.row(b, h, j), k.row(b, h, j + 1), k.row(b, h, j + 2),
-                          k.row(b, h, j + 3)};
+    const T* kr[4] = {k.row(b, h, j), k.row(b, h, j + 1), k.row(b, h, j + 2), k.row(b, h, j + 3)};
     for (int d = 0; d < D; d += 8) {
       __m256 kv[4];
-      for (int t = 0; t < 4; ++t) kv[t] = _mm256_loadu_ps(kr[t] + d);
+      for (int t = 0; t < 4; ++t) kv[t] = load8(kr[t] + d);
       for (int r = 0; r < R; ++r) {
         const __m256 qv = _mm256_loadu_ps(q + r * D + d);
         for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_fmadd_ps(qv, kv[t], acc[r][t]);
@@ -126,11 +145,11 @@ __attribute__((target("avx2,fma"))) inline void scores_rows(
     }
   }
   for (; j < n; ++j) {
-    const float* kj = k.row(b, h, j);
+    const T* kj = k.row(b, h, j);
     for (int r = 0; r < R; ++r) {
       __m256 a = _mm256_setzero_ps();
       for (int d = 0; d < D; d += 8) {
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), _mm256_loadu_ps(kj + d), a);
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), load8(kj + d), a);
       }
       s[j * QB + r] = hsum8(a);
     }
@@ -140,35 +159,80 @@ __attribute__((target("avx2,fma"))) inline void scores_rows(
 // out[0, 8*NV) = sum_j p[j*QB + r] * v_j[c0, c0 + 8*NV): NV accumulators held in registers
 // (an array indexed at run time lived on the stack, and each key waited on a store-to-load
 // round trip).
-template <int NV>
-__attribute__((target("avx2,fma"))) inline void pv_tile(
-    const float* p, int r, const View& v, int b, int h, int n, int c0, float* out) {
+template <int NV, typename T>
+__attribute__((target("avx2,fma,f16c"))) inline void pv_tile(
+    const float* p, int r, const ViewT<T>& v, int b, int h, int n, int c0, float* out) {
   __m256 acc[NV];
   for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_ps();
   for (int j = 0; j < n; ++j) {
     const float w = p[j * QB + r];
     if (w == 0.f) continue;
     const __m256 wb = _mm256_set1_ps(w);
-    const float* vr = v.row(b, h, j) + c0;
-    for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+    const T* vr = v.row(b, h, j) + c0;
+    for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(wb, load8(vr + 8 * c), acc[c]);
   }
   for (int c = 0; c < NV; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
 }
 
 // out row = sum_j p[j*QB + r] * v_j for the keys [0, n), Dv a multiple of 8 (<= 256).
-__attribute__((target("avx2,fma"))) inline void pv_row(
-    const float* p, int r, const View& v, int b, int h, int n, int Dv, float* out) {
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) inline void pv_row(
+    const float* p, int r, const ViewT<T>& v, int b, int h, int n, int Dv, float* out) {
   for (int c0 = 0; c0 < Dv; c0 += 64) {
     switch (std::min(8, (Dv - c0) / 8)) {
-      case 8: pv_tile<8>(p, r, v, b, h, n, c0, out + c0); break;
-      case 7: pv_tile<7>(p, r, v, b, h, n, c0, out + c0); break;
-      case 6: pv_tile<6>(p, r, v, b, h, n, c0, out + c0); break;
-      case 5: pv_tile<5>(p, r, v, b, h, n, c0, out + c0); break;
-      case 4: pv_tile<4>(p, r, v, b, h, n, c0, out + c0); break;
-      case 3: pv_tile<3>(p, r, v, b, h, n, c0, out + c0); break;
-      case 2: pv_tile<2>(p, r, v, b, h, n, c0, out + c0); break;
-      default: pv_tile<1>(p, r, v, b, h, n, c0, out + c0); break;
+      case 8: pv_tile<8, T>(p, r, v, b, h, n, c0, out + c0); break;
+      case 7: pv_tile<7, T>(p, r, v, b, h, n, c0, out + c0); break;
+      case 6: pv_tile<6, T>(p, r, v, b, h, n, c0, out + c0); break;
+      case 5: pv_tile<5, T>(p, r, v, b, h, n, c0, out + c0); break;
+      case 4: pv_tile<4, T>(p, r, v, b, h, n, c0, out + c0); break;
+      case 3: pv_tile<3, T>(p, r, v, b, h, n, c0, out + c0); break;
+      case 2: pv_tile<2, T>(p, r, v, b, h, n, c0, out + c0); break;
+      default: pv_tile<1, T>(p, r, v, b, h, n, c0, out + c0); break;
     }
+  }
+}
+
+// pv_row for R <= 4 rows at once: each V vector is loaded (and converted, for float16) once for
+// all the rows instead of once a row. The same FMAs in the same order as pv_row, so the same bits.
+template <int R, int NV, typename T>
+__attribute__((target("avx2,fma,f16c"))) inline void pv_rows_tile(
+    const float* p, const ViewT<T>& v, int b, int h, int n, int c0, float* const* out) {
+  __m256 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    const T* vr = v.row(b, h, j) + c0;
+    __m256 vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = load8(vr + 8 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wb = _mm256_set1_ps(p[j * QB + r]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_fmadd_ps(wb, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(out[r] + c0 + 8 * c, acc[r][c]);
+}
+
+template <int R, typename T>
+__attribute__((target("avx2,fma,f16c"))) inline void pv_rows_r(
+    const float* p, const ViewT<T>& v, int b, int h, int n, int Dv, float* const* out) {
+  constexpr int NV = R <= 3 ? 4 : 2;  // R*NV accumulators + NV loads within 16 registers
+  int c0 = 0;
+  for (; c0 + 8 * NV <= Dv; c0 += 8 * NV) pv_rows_tile<R, NV, T>(p, v, b, h, n, c0, out);
+  for (; c0 < Dv; c0 += 8) pv_rows_tile<R, 1, T>(p, v, b, h, n, c0, out);
+}
+
+// out[r] = sum_j p[j*QB + r] * v_j for rows r < rows (Dv a multiple of 8, <= 256).
+template <typename T>
+inline void pv_rows(const float* p, int rows, const ViewT<T>& v, int b, int h, int n, int Dv,
+                    float* const* out) {
+  switch (rows) {
+    case 1: pv_rows_r<1, T>(p, v, b, h, n, Dv, out); return;
+    case 2: pv_rows_r<2, T>(p, v, b, h, n, Dv, out); return;
+    case 3: pv_rows_r<3, T>(p, v, b, h, n, Dv, out); return;
+    case 4: pv_rows_r<4, T>(p, v, b, h, n, Dv, out); return;
+    default:
+      for (int r = 0; r < rows; ++r) pv_row(p, r, v, b, h, n, Dv, out[r]);
   }
 }
 
@@ -213,15 +277,16 @@ __attribute__((target("avx2,fma"))) inline void softmax_cols(
 #endif
 
 // Portable path: one query row at a time, std::exp.
+template <typename T>
 inline void attend_row_portable(
-    const float* q, const View& k, const View& v, int b, int h, int n, int D, int Dv,
+    const float* q, const ViewT<T>& k, const ViewT<T>& v, int b, int h, int n, int D, int Dv,
     float scale, float* out, std::vector<float>& s) {
   s.resize(n);
   float m = -INFINITY;
   for (int j = 0; j < n; ++j) {
-    const float* kr = k.row(b, h, j);
+    const T* kr = k.row(b, h, j);
     float dot = 0.f;
-    for (int d = 0; d < D; ++d) dot += q[d] * kr[d];
+    for (int d = 0; d < D; ++d) dot += q[d] * to_float(kr[d]);
     s[j] = dot * scale;
     m = std::max(m, s[j]);
   }
@@ -233,8 +298,8 @@ inline void attend_row_portable(
   for (int c = 0; c < Dv; ++c) out[c] = 0.f;
   for (int j = 0; j < n; ++j) {
     const float w = s[j] / sum;
-    const float* vr = v.row(b, h, j);
-    for (int c = 0; c < Dv; ++c) out[c] += w * vr[c];
+    const T* vr = v.row(b, h, j);
+    for (int c = 0; c < Dv; ++c) out[c] += w * to_float(vr[c]);
   }
 }
 
@@ -247,8 +312,9 @@ struct Heads {
   int Hq, Hkv, Dh, Dv;
 };
 
-inline void decode_attention(const float* q, const View& kv, const View& vv, int n, Heads s,
-                             float scale, float* out) {
+template <typename T>
+inline void decode_attention(const float* q, const ViewT<T>& kv, const ViewT<T>& vv, int n,
+                             Heads s, float scale, float* out) {
   const int group = s.Hq / s.Hkv;
   const int blocks = (group + QB - 1) / QB;
   const bool simd = has_avx2() && s.Dv % 8 == 0 && s.Dv <= 256;
@@ -270,8 +336,7 @@ inline void decode_attention(const float* q, const View& kv, const View& vv, int
       int k0, k1;
       split(n, splits, sp, k0, k1);
       const int len = k1 - k0;
-      const View kr{kv.data + k0 * kv.ss, kv.sb, kv.sh, kv.ss};
-      const View vr{vv.data + k0 * vv.ss, vv.sb, vv.sh, vv.ss};
+      const ViewT<T> kr = kv.from(k0), vr = vv.from(k0);
       std::vector<float> qt(size_t(s.Dh) * QB);
       int limit[QB];
       for (int r = 0; r < QB; ++r) {
@@ -286,19 +351,25 @@ inline void decode_attention(const float* q, const View& kv, const View& vv, int
         for (int j = 0; j < len; ++j)
           for (int r = rows; r < QB; ++r) sbuf[size_t(j) * QB + r] = 0.f;
         switch (rows) {
-          case 1: scores_rows<1>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
-          case 2: scores_rows<2>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
-          case 3: scores_rows<3>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
-          default: scores_rows<4>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
+          case 1: scores_rows<1, T>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
+          case 2: scores_rows<2, T>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
+          case 3: scores_rows<3, T>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
+          default: scores_rows<4, T>(q0, kr, 0, hk, len, s.Dh, sbuf.data()); break;
         }
-      } else {
+      } else if constexpr (std::is_same_v<T, float>) {
         scores_block(qt.data(), kr, 0, hk, len, s.Dh, sbuf.data());
+      } else {  // float16 keys for a large group: this range's keys as float32 first
+        std::vector<float> kf(size_t(len) * s.Dh);
+        for (int j = 0; j < len; ++j)
+          for (int d = 0; d < s.Dh; ++d) kf[size_t(j) * s.Dh + d] = to_float(kr.row(0, hk, j)[d]);
+        const View kfv{kf.data(), 0, 0, s.Dh};
+        scores_block(qt.data(), kfv, 0, 0, len, s.Dh, sbuf.data());
       }
       softmax_cols(sbuf.data(), len, limit, scale, &pmax[size_t(it) * QB],
                    &psum[size_t(it) * QB]);
-      for (int r = 0; r < rows; ++r) {
-        pv_row(sbuf.data(), r, vr, 0, hk, len, s.Dv, &part[(size_t(it) * QB + r) * s.Dv]);
-      }
+      float* outs[QB];
+      for (int r = 0; r < rows; ++r) outs[r] = &part[(size_t(it) * QB + r) * s.Dv];
+      pv_rows(sbuf.data(), rows, vr, 0, hk, len, s.Dv, outs);
       return;
     }
 #endif

@@ -153,7 +153,7 @@ inline void matvec(const float* x, const std::vector<Job>& jobs) {
 
 // A row-contiguous float pointer to x (gathered into `keep` when x is strided).
 inline const float* rows_of(const mx::array& x, std::vector<float>& keep) {
-  if (x.flags().row_contiguous) return x.data<float>();
+  if (x.flags().row_contiguous && x.dtype() == mx::float32) return x.data<float>();
   keep = gather_rows(x);
   return keep.data();
 }
@@ -244,10 +244,17 @@ class KvWrite : public mx::UnaryPrimitive {
                   pos = mx::array::unsafe_weak_copy(inputs[2]),
                   out = mx::array::unsafe_weak_copy(out), donate, start = start_]() mutable {
       StageClock clock;
-      float* o = out.data<float>();
       if (!donate) {
-        std::vector<float> keep;
-        std::memcpy(o, rows_of(buf, keep), out.nbytes());
+        if (buf.flags().row_contiguous) {
+          std::memcpy(out.data<void>(), buf.data<void>(), out.nbytes());
+        } else if (buf.dtype() == mx::float32) {
+          const auto all = gather_rows(buf);
+          std::memcpy(out.data<void>(), all.data(), out.nbytes());
+        } else {
+          const auto all = gather_rows(buf);
+          auto* o = out.data<mx::float16_t>();
+          for (size_t i = 0; i < all.size(); ++i) o[i] = static_cast<mx::float16_t>(all[i]);
+        }
       }
       const int H = out.shape(1), cap = out.shape(2), Dh = out.shape(3);
       const int p = position(pos);
@@ -255,7 +262,13 @@ class KvWrite : public mx::UnaryPrimitive {
       std::vector<float> skeep;
       const float* s = rows_of(src, skeep) + start;
       for (int h = 0; h < H; ++h) {
-        std::memcpy(o + (size_t(h) * cap + p) * Dh, s + size_t(h) * Dh, sizeof(float) * Dh);
+        const size_t at = (size_t(h) * cap + p) * Dh;
+        if (out.dtype() == mx::float16) {  // a float16 cache: rounded to nearest
+          auto* o = out.data<mx::float16_t>() + at;
+          for (int d = 0; d < Dh; ++d) o[d] = static_cast<mx::float16_t>(s[size_t(h) * Dh + d]);
+        } else {
+          std::memcpy(out.data<float>() + at, s + size_t(h) * Dh, sizeof(float) * Dh);
+        }
       }
       clock.mark(kKvWrite);
     });
@@ -294,11 +307,21 @@ class DecodeRest : public mx::UnaryPrimitive {
       float* a = out.data<float>();
       std::vector<float> att(size_t(s.Hq) * s.Dv), tmp(D), xn(D), g(s.I), u(s.I);
       if (n <= cap) {
-        using latent_attention::View;
-        const View kv{rows_of(in[2], keep[2]), int64_t(s.Hkv) * cap * s.Dh, int64_t(cap) * s.Dh, s.Dh};
-        const View vv{rows_of(in[3], keep[3]), int64_t(s.Hkv) * cap * s.Dv, int64_t(cap) * s.Dv, s.Dv};
-        latent_attention::decode_attention(qkv, kv, vv, n, {s.Hq, s.Hkv, s.Dh, s.Dv},
-                                           s.attn_scale, att.data());
+        using namespace latent_attention;
+        const Heads heads{s.Hq, s.Hkv, s.Dh, s.Dv};
+        const int64_t kh = int64_t(cap) * s.Dh, vh = int64_t(cap) * s.Dv;
+        if (in[2].dtype() == mx::float16 && in[2].flags().row_contiguous &&
+            in[3].flags().row_contiguous) {  // a float16 cache, read as it is
+          const ViewT<Half> kv{reinterpret_cast<const Half*>(in[2].data<mx::float16_t>()),
+                               s.Hkv * kh, kh, s.Dh};
+          const ViewT<Half> vv{reinterpret_cast<const Half*>(in[3].data<mx::float16_t>()),
+                               s.Hkv * vh, vh, s.Dv};
+          decode_attention(qkv, kv, vv, n, heads, s.attn_scale, att.data());
+        } else {
+          const View kv{rows_of(in[2], keep[2]), s.Hkv * kh, kh, s.Dh};
+          const View vv{rows_of(in[3], keep[3]), s.Hkv * vh, vh, s.Dv};
+          decode_attention(qkv, kv, vv, n, heads, s.attn_scale, att.data());
+        }
       }
       clock.mark(kAttention);
       const Lin o = bind_linear(s.o, in), gate = bind_linear(s.gate, in), up = bind_linear(s.up, in),
@@ -442,15 +465,17 @@ mx::array decode_qkv(
 
 mx::array kv_write(const mx::array& buf, const mx::array& qkv, const mx::array& pos, int start,
                    mx::StreamOrDevice sd) {
-  if (buf.dtype() != mx::float32 || buf.ndim() != 4 || buf.shape(0) != 1 ||
+  if ((buf.dtype() != mx::float32 && buf.dtype() != mx::float16) || buf.ndim() != 4 ||
+      buf.shape(0) != 1 ||
       qkv.dtype() != mx::float32 || qkv.ndim() != 1 || start < 0 ||
       size_t(start) + size_t(buf.shape(1)) * buf.shape(3) > qkv.size()) {
     throw std::invalid_argument(
-        "[latent kv_write] float32 buffer (1, H, S, D) and a float32 vector holding H*D from start");
+        "[latent kv_write] float32/float16 buffer (1, H, S, D) and a float32 vector holding H*D "
+        "from start");
   }
   latent_decode::check_pos(pos);
   auto stream = cpu_stream(sd);
-  return mx::array(buf.shape(), mx::float32, std::make_shared<latent_decode::KvWrite>(stream, start),
+  return mx::array(buf.shape(), buf.dtype(), std::make_shared<latent_decode::KvWrite>(stream, start),
                    {buf, qkv, packed(pos, stream)});
 }
 
@@ -461,9 +486,14 @@ mx::array decode_rest(
     int n_heads, float eps, float attn_scale, mx::StreamOrDevice sd) {
   using namespace latent_decode;
   check_token(h, pos);
+  if (keys.dtype() != values.dtype()) {
+    throw std::invalid_argument("[latent decode_rest] keys and values must have one dtype");
+  }
   for (const auto* a : {&keys, &values}) {
-    if (a->dtype() != mx::float32 || a->ndim() != 4 || a->shape(0) != 1) {
-      throw std::invalid_argument("[latent decode_rest] keys/values: float32 buffers (1, Hkv, S, D)");
+    if ((a->dtype() != mx::float32 && a->dtype() != mx::float16) || a->ndim() != 4 ||
+        a->shape(0) != 1) {
+      throw std::invalid_argument(
+          "[latent decode_rest] keys/values: float32 or float16 buffers (1, Hkv, S, D)");
     }
   }
   const int Hkv = keys.shape(1), Dh = keys.shape(3), Dv = values.shape(3);

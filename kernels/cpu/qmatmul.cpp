@@ -628,22 +628,28 @@ mx::array packed(const mx::array& a, mx::Stream stream) {
 
 // Activations arrive unevaluated (layout unknown until run): a strided x is gathered in the
 // kernel instead (it is small).
-std::vector<float> gather_rows(const mx::array& x) {
+// (Also reads float16 arrays, converted: a float16 KV cache seen by prompt-chunk attention.)
+template <typename T>
+std::vector<float> gather_as_float(const mx::array& x) {
   std::vector<float> out(x.size());
   const auto& shape = x.shape();
   const auto& strides = x.strides();
-  const float* src = x.data<float>();
+  const T* src = x.data<T>();
   std::vector<int> idx(shape.size(), 0);
   for (size_t i = 0; i < out.size(); ++i) {
     int64_t loc = 0;
     for (size_t d = 0; d < shape.size(); ++d) loc += int64_t(idx[d]) * strides[d];
-    out[i] = src[loc];
+    out[i] = static_cast<float>(src[loc]);
     for (int d = int(shape.size()) - 1; d >= 0; --d) {
       if (++idx[d] < shape[d]) break;
       idx[d] = 0;
     }
   }
   return out;
+}
+
+std::vector<float> gather_rows(const mx::array& x) {
+  return x.dtype() == mx::float16 ? gather_as_float<mx::float16_t>(x) : gather_as_float<float>(x);
 }
 
 // The CPU encoder for a primitive's eval, its one output allocated and its arrays registered.
@@ -837,15 +843,14 @@ class CpuAttention : public mx::UnaryPrimitive {
 
  private:
   static latent_attention::View view_of(const mx::array& a, std::vector<float>& keep) {
-    const float* data = a.data<float>();
     auto st = a.strides();
-    if (st[3] != 1) {  // last dimension not contiguous: gather the whole array once
+    if (st[3] != 1 || a.dtype() != mx::float32) {
+      // last dimension not contiguous, or float16 K/V of a prompt chunk: as float32 once
       keep = gather_rows(a);
-      data = keep.data();
       const int64_t S = a.shape(2), D = a.shape(3), H = a.shape(1);
-      return {data, H * S * D, S * D, D};
+      return {keep.data(), H * S * D, S * D, D};
     }
-    return {data, st[0], st[1], st[2]};
+    return {a.data<float>(), st[0], st[1], st[2]};
   }
 
   static void run(
@@ -856,17 +861,28 @@ class CpuAttention : public mx::UnaryPrimitive {
     const int Hkv = k.shape(1), S = k.shape(2), Dv = v.shape(3);
     const int group = Hq / Hkv;
     std::vector<float> qkeep, kkeep, vkeep;
-    const View qv = view_of(q, qkeep), kv = view_of(k, kkeep), vv = view_of(v, vkeep);
+    const View qv = view_of(q, qkeep);
     float* o = out.data<float>();  // (B, Hq, L, Dv) row-contiguous
     if (L == 1 && B == 1) {
       // one token (decode, or a batch row): the same routine as the fused decode layer, so
-      // both paths give the same bits
+      // both paths give the same bits; float16 K/V read as they are
       std::vector<float> qrows(size_t(Hq) * D);
       for (int h = 0; h < Hq; ++h) std::copy_n(qv.row(0, h, 0), D, &qrows[size_t(h) * D]);
       // (causal or not, the one query sits at the last position and sees every key)
-      decode_attention(qrows.data(), kv, vv, S, {Hq, Hkv, D, Dv}, scale, o);
+      const Heads heads{Hq, Hkv, D, Dv};
+      if (k.dtype() == mx::float16 && k.strides()[3] == 1 && v.strides()[3] == 1) {
+        auto half_view = [](const mx::array& a) {
+          const auto st = a.strides();
+          return ViewT<Half>{reinterpret_cast<const Half*>(a.data<mx::float16_t>()), st[0], st[1],
+                             st[2]};
+        };
+        decode_attention(qrows.data(), half_view(k), half_view(v), S, heads, scale, o);
+      } else {
+        decode_attention(qrows.data(), view_of(k, kkeep), view_of(v, vkeep), S, heads, scale, o);
+      }
       return;
     }
+    const View kv = view_of(k, kkeep), vv = view_of(v, vkeep);
     // A block is QB rows (query head, position) that share one K/V head, position-major:
     // the query heads of a GQA group go together, so one-token decoding fills a block with the
     // group's heads instead of one real row and seven padding rows.
@@ -1301,9 +1317,13 @@ mx::array attention(
     const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
     mx::StreamOrDevice s) {
   for (const auto* a : {&q, &k, &v}) {
-    if (a->ndim() != 4 || a->dtype() != mx::float32) {
-      throw std::invalid_argument("[latent attention] q, k, v must be 4-D float32 arrays");
+    if (a->ndim() != 4 || (a->dtype() != mx::float32 && (a == &q || a->dtype() != mx::float16))) {
+      throw std::invalid_argument(
+          "[latent attention] q (float32), k, v (float32 or float16) must be 4-D arrays");
     }
+  }
+  if (k.dtype() != v.dtype()) {
+    throw std::invalid_argument("[latent attention] k and v must have one dtype");
   }
   if (k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0) || k.shape(1) != v.shape(1) ||
       k.shape(2) != v.shape(2) || q.shape(3) != k.shape(3) || q.shape(1) % k.shape(1) != 0) {
