@@ -20,6 +20,7 @@ PROMPTS = [
     "Write a haiku about the ocean.",
     "Explain in one sentence what a CPU does.",
 ]
+NEAR_TIE = 0.05  # logits: 2.5x the largest logit error measured on our decode path (0.022)
 N_NEW = 32
 
 
@@ -72,9 +73,17 @@ def test_logits_and_greedy_tokens_match_transformers(ours, hf, prompt):
             do_sample=False,
             eos_token_id=sorted(eos),
             pad_token_id=sorted(eos)[0],
+            output_scores=True,
+            return_dict_in_generate=True,
         )
-    ref = out[0, len(ids) :].tolist()
-    assert _cut_at_eos(got, eos) == _cut_at_eos(ref, eos)
+    ref = out.sequences[0, len(ids) :].tolist()
+    # Greedy tokens are pinned up to the reference's first near-tie: where its top two logits are
+    # closer than our decode path's numerical error (int16 activations in the matvec kernel:
+    # logits within ~0.02 of float32, tests/test_cpu_kernels.py), either token is right.
+    margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    tie = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(margins))
+    assert tie >= 8, f"the reference has a near-tie within its first 8 tokens: {margins[:8]}"
+    assert _cut_at_eos(got[:tie], eos) == _cut_at_eos(ref[:tie], eos), (tie, margins[: tie + 1])
 
 
 def test_engine_chat_gives_the_greedy_reply(ours, hf):
