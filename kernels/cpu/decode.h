@@ -160,6 +160,32 @@ inline const float* rows_of(const mx::array& x, std::vector<float>& keep) {
 
 inline int position(const mx::array& pos) { return pos.data<int32_t>()[0]; }
 
+// A primitive that runs Run(inputs, output, spec) on MLX's CPU stream (the inputs as weak copies,
+// kept alive by MLX until the task has run).
+template <typename Spec, void (*Run)(std::vector<mx::array>&, mx::array&, const Spec&)>
+class SpecPrimitive : public mx::UnaryPrimitive {
+ public:
+  SpecPrimitive(mx::Stream stream, Spec spec, const char* name)
+      : mx::UnaryPrimitive(stream), s_(spec), name_(name) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& enc = begin_eval(stream(), inputs, out);
+    std::vector<mx::array> in;
+    for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
+    enc.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), s = s_]() mutable {
+      Run(in, out, s);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string("[") + name_ + "] CPU-only primitive");
+  }
+  const char* name() const override { return name_; }
+
+ private:
+  Spec s_;
+  const char* name_;
+};
+
 struct QkvSpec {
   int Hq, Hkv, Dh, rope_dims;
   bool traditional;
@@ -168,55 +194,40 @@ struct QkvSpec {
   LinSpec q, k, v;
 };
 
-class DecodeQkv : public mx::UnaryPrimitive {
- public:
-  DecodeQkv(mx::Stream stream, QkvSpec spec) : mx::UnaryPrimitive(stream), s_(spec) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    auto& enc = begin_eval(stream(), inputs, out);
-    std::vector<mx::array> in;
-    for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
-    enc.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), s = s_]() mutable {
-      StageClock clock;
-      std::vector<float> keep;
-      const float* h = rows_of(in[0], keep);
-      const int pos = position(in[1]);
-      const int D = in[0].shape(-1);
-      std::vector<float> xn(D);
-      rms_norm_row(h, in[s.norm].data<float>(), xn.data(), D, s.eps);
-      const Lin q = bind_linear(s.q, in), k = bind_linear(s.k, in), v = bind_linear(s.v, in);
-      float* o = out.data<float>();
-      float* qo = o;
-      float* ko = o + size_t(s.Hq) * s.Dh;
-      matvec(xn.data(), {{&q, qo}, {&k, ko}, {&v, ko + size_t(s.Hkv) * s.Dh}});
-      clock.mark(kQkv);
-      const int half = s.rope_dims / 2;
-      std::vector<float> cs(half), sn(half);
-      rope_angles(float(pos) * s.rope_scale, in[s.periods].data<float>(), half, cs.data(),
-                  sn.data());
-      auto heads = [&](float* base, int H, int norm) {
-        for (int hh = 0; hh < H; ++hh) {
-          float* r = base + size_t(hh) * s.Dh;
-          if (norm >= 0) rms_norm_row(r, in[norm].data<float>(), r, s.Dh, s.eps);
-          if (s.mscale != 1.0f) {
-            for (int i = 0; i < s.Dh; ++i) r[i] *= s.mscale;
-          }
-          rope_row(r, r, cs.data(), sn.data(), s.rope_dims, s.Dh, s.traditional);
+inline void run_qkv(std::vector<mx::array>& in, mx::array& out, const QkvSpec& s) {
+  StageClock clock;
+    std::vector<float> keep;
+    const float* h = rows_of(in[0], keep);
+    const int pos = position(in[1]);
+    const int D = in[0].shape(-1);
+    std::vector<float> xn(D);
+    rms_norm_row(h, in[s.norm].data<float>(), xn.data(), D, s.eps);
+    const Lin q = bind_linear(s.q, in), k = bind_linear(s.k, in), v = bind_linear(s.v, in);
+    float* o = out.data<float>();
+    float* qo = o;
+    float* ko = o + size_t(s.Hq) * s.Dh;
+    matvec(xn.data(), {{&q, qo}, {&k, ko}, {&v, ko + size_t(s.Hkv) * s.Dh}});
+    clock.mark(kQkv);
+    const int half = s.rope_dims / 2;
+    std::vector<float> cs(half), sn(half);
+    rope_angles(float(pos) * s.rope_scale, in[s.periods].data<float>(), half, cs.data(),
+                sn.data());
+    auto heads = [&](float* base, int H, int norm) {
+      for (int hh = 0; hh < H; ++hh) {
+        float* r = base + size_t(hh) * s.Dh;
+        if (norm >= 0) rms_norm_row(r, in[norm].data<float>(), r, s.Dh, s.eps);
+        if (s.mscale != 1.0f) {
+          for (int i = 0; i < s.Dh; ++i) r[i] *= s.mscale;
         }
-      };
-      heads(qo, s.Hq, s.q_norm);
-      heads(ko, s.Hkv, s.k_norm);
-      clock.mark(kRope);
-    });
-  }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[latent decode_qkv] CPU-only primitive");
-  }
-  const char* name() const override { return "LatentDecodeQkv"; }
+        rope_row(r, r, cs.data(), sn.data(), s.rope_dims, s.Dh, s.traditional);
+      }
+    };
+    heads(qo, s.Hq, s.q_norm);
+    heads(ko, s.Hkv, s.k_norm);
+    clock.mark(kRope);
+}
 
- private:
-  QkvSpec s_;
-};
+using DecodeQkv = SpecPrimitive<QkvSpec, run_qkv>;
 
 // How many kv_write calls had to copy their buffer (not in place): tests and benchmarks read it.
 inline std::atomic<int64_t> kv_write_copies{0};
@@ -289,63 +300,48 @@ struct RestSpec {
   LinSpec o, gate, up, down;
 };
 
-class DecodeRest : public mx::UnaryPrimitive {
- public:
-  DecodeRest(mx::Stream stream, RestSpec spec) : mx::UnaryPrimitive(stream), s_(spec) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    auto& enc = begin_eval(stream(), inputs, out);
-    std::vector<mx::array> in;
-    for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
-    enc.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out), s = s_]() mutable {
-      StageClock clock;
-      std::vector<float> keep[4];
-      const float* h = rows_of(in[0], keep[0]);
-      const float* qkv = rows_of(in[1], keep[1]);
-      const int n = position(in[4]) + 1;
-      const int D = in[0].shape(-1), cap = in[2].shape(2);
-      float* a = out.data<float>();
-      std::vector<float> att(size_t(s.Hq) * s.Dv), tmp(D), xn(D), g(s.I), u(s.I);
-      if (n <= cap) {
-        using namespace latent_attention;
-        const Heads heads{s.Hq, s.Hkv, s.Dh, s.Dv};
-        const int64_t kh = int64_t(cap) * s.Dh, vh = int64_t(cap) * s.Dv;
-        if (in[2].dtype() == mx::float16 && in[2].flags().row_contiguous &&
-            in[3].flags().row_contiguous) {  // a float16 cache, read as it is
-          const ViewT<Half> kv{reinterpret_cast<const Half*>(in[2].data<mx::float16_t>()),
-                               s.Hkv * kh, kh, s.Dh};
-          const ViewT<Half> vv{reinterpret_cast<const Half*>(in[3].data<mx::float16_t>()),
-                               s.Hkv * vh, vh, s.Dv};
-          decode_attention(qkv, kv, vv, n, heads, s.attn_scale, att.data());
-        } else {
-          const View kv{rows_of(in[2], keep[2]), s.Hkv * kh, kh, s.Dh};
-          const View vv{rows_of(in[3], keep[3]), s.Hkv * vh, vh, s.Dv};
-          decode_attention(qkv, kv, vv, n, heads, s.attn_scale, att.data());
-        }
-      }
-      clock.mark(kAttention);
-      const Lin o = bind_linear(s.o, in), gate = bind_linear(s.gate, in), up = bind_linear(s.up, in),
-                down = bind_linear(s.down, in);
-      matvec(att.data(), {{&o, tmp.data()}});
-      for (int i = 0; i < D; ++i) a[i] = h[i] + tmp[i];
-      clock.mark(kOProj);
-      rms_norm_row(a, in[s.norm].data<float>(), xn.data(), D, s.eps);
-      matvec(xn.data(), {{&gate, g.data()}, {&up, u.data()}});
-      swiglu_range(g.data(), u.data(), g.data(), 0, s.I);
-      clock.mark(kMlpUpGate);
-      matvec(g.data(), {{&down, tmp.data()}});
-      for (int i = 0; i < D; ++i) a[i] += tmp[i];
-      clock.mark(kMlpDown);
-    });
+inline void run_rest(std::vector<mx::array>& in, mx::array& out, const RestSpec& s) {
+  StageClock clock;
+  std::vector<float> keep[4];
+  const float* h = rows_of(in[0], keep[0]);
+  const float* qkv = rows_of(in[1], keep[1]);
+  const int n = position(in[4]) + 1;
+  const int D = in[0].shape(-1), cap = in[2].shape(2);
+  float* a = out.data<float>();
+  std::vector<float> att(size_t(s.Hq) * s.Dv), tmp(D), xn(D), g(s.I), u(s.I);
+  if (n <= cap) {
+    using namespace latent_attention;
+    const Heads heads{s.Hq, s.Hkv, s.Dh, s.Dv};
+    const int64_t kh = int64_t(cap) * s.Dh, vh = int64_t(cap) * s.Dv;
+    if (in[2].dtype() == mx::float16 && in[2].flags().row_contiguous &&
+        in[3].flags().row_contiguous) {  // a float16 cache, read as it is
+      const ViewT<Half> kv{reinterpret_cast<const Half*>(in[2].data<mx::float16_t>()),
+                           s.Hkv * kh, kh, s.Dh};
+      const ViewT<Half> vv{reinterpret_cast<const Half*>(in[3].data<mx::float16_t>()),
+                           s.Hkv * vh, vh, s.Dv};
+      decode_attention(qkv, kv, vv, n, heads, s.attn_scale, att.data());
+    } else {
+      const View kv{rows_of(in[2], keep[2]), s.Hkv * kh, kh, s.Dh};
+      const View vv{rows_of(in[3], keep[3]), s.Hkv * vh, vh, s.Dv};
+      decode_attention(qkv, kv, vv, n, heads, s.attn_scale, att.data());
+    }
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[latent decode_rest] CPU-only primitive");
-  }
-  const char* name() const override { return "LatentDecodeRest"; }
+  clock.mark(kAttention);
+  const Lin o = bind_linear(s.o, in), gate = bind_linear(s.gate, in), up = bind_linear(s.up, in),
+            down = bind_linear(s.down, in);
+  matvec(att.data(), {{&o, tmp.data()}});
+  for (int i = 0; i < D; ++i) a[i] = h[i] + tmp[i];
+  clock.mark(kOProj);
+  rms_norm_row(a, in[s.norm].data<float>(), xn.data(), D, s.eps);
+  matvec(xn.data(), {{&gate, g.data()}, {&up, u.data()}});
+  swiglu_range(g.data(), u.data(), g.data(), 0, s.I);
+  clock.mark(kMlpUpGate);
+  matvec(g.data(), {{&down, tmp.data()}});
+  for (int i = 0; i < D; ++i) a[i] += tmp[i];
+  clock.mark(kMlpDown);
+}
 
- private:
-  RestSpec s_;
-};
+using DecodeRest = SpecPrimitive<RestSpec, run_rest>;
 
 // ---------------------------------------------------------------------------------------
 // Construction: checks, and the linears' arrays appended to a primitive's inputs.
@@ -460,7 +456,7 @@ mx::array decode_qkv(
   s.k = add_linear("k", part(linears, 1), bits[1], groups[1], D, n_kv_heads * head_dim, in, stream);
   s.v = add_linear("v", part(linears, 2), bits[2], groups[2], D, n_kv_heads * head_dim, in, stream);
   return mx::array({(n_heads + 2 * n_kv_heads) * head_dim}, mx::float32,
-                   std::make_shared<DecodeQkv>(stream, s), std::move(in));
+                   std::make_shared<DecodeQkv>(stream, s, "LatentDecodeQkv"), std::move(in));
 }
 
 mx::array kv_write(const mx::array& buf, const mx::array& qkv, const mx::array& pos, int start,
@@ -512,5 +508,5 @@ mx::array decode_rest(
   s.I = in[s.gate.w].shape(0);
   s.up = add_linear("up", part(linears, 2), bits[2], groups[2], D, s.I, in, stream);
   s.down = add_linear("down", part(linears, 3), bits[3], groups[3], s.I, D, in, stream);
-  return mx::array(h.shape(), mx::float32, std::make_shared<DecodeRest>(stream, s), std::move(in));
+  return mx::array(h.shape(), mx::float32, std::make_shared<DecodeRest>(stream, s, "LatentDecodeRest"), std::move(in));
 }
