@@ -315,6 +315,10 @@ class BatchGenerator:
 
     def _forward(self, inputs: mx.array, caches: list[list]) -> mx.array:
         """Logits (B, V) of one new token per row; row b attends over its own `caches[b]`."""
+        if len(caches) == 1:
+            # one row: the model's own forward, which on the CPU is the fused decode layer
+            # (engine/layers/fused.py) — the same kernels and routines per row, so the same bits
+            return self.model(inputs, cache=caches[0])[:, -1, :]
         inner = self.model.model
         h = inner.embed_tokens(inputs)  # (B, 1, hidden)
         # Each row's mask as LlamaModel makes it from the row's offset (None for one new token
