@@ -368,3 +368,20 @@ def test_log_softmax_and_rms_norm_gradients_equal_mlx():
     gn_mlx = mx.grad(lambda x, w: (mx.fast.rms_norm(x, w, 1e-5) ** 2).sum(), argnums=(0, 1))(x, w)
     for a, b in zip(gn, gn_mlx):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
+
+
+def test_thread_pool_runs_every_chunk_exactly_once_under_churn():
+    """Thousands of pool runs whose chunk counts alternate (as a decode step's do): every
+    result equals the first computation of the same product. (A worker holding the previous
+    run's state once could claim a chunk of the next run before it began.)"""
+    shapes = [(64, 128), (1536, 576), (192, 576), (576, 1536), (33, 64)]
+    cases = []
+    for i, (n, k) in enumerate(shapes):
+        w, s, b = quantized(n, k, 32, 4, seed=i)
+        x = mx.random.normal((1, k))
+        cases.append((x, w, s, b, np.array(K.qmm_rows(x, w, s, b, 32, 4))))
+    for _ in range(120):
+        outs = [K.qmm_rows(x, w, s, b, 32, 4) for x, w, s, b, _ in cases]
+        mx.eval(outs)
+        for out, case in zip(outs, cases):
+            np.testing.assert_array_equal(np.array(out), case[4])

@@ -64,6 +64,7 @@ constexpr int g_spin_us = 20, g_sleep_us = 1000;
 
 class Pool {
  public:
+  static constexpr int kMaxChunks = 0xFFFF;  // chunk indices and counts are 16-bit fields
   explicit Pool(int n_threads) { resize(n_threads); }
   ~Pool() { stop(); }
 
@@ -89,16 +90,20 @@ class Pool {
     }
     // A second caller (another stream or thread) runs its work inline instead of waiting.
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
-    if (!busy.owns_lock() || n_workers_ == 0 || n_chunks <= 1) {
+    if (!busy.owns_lock() || n_workers_ == 0 || n_chunks <= 1 || n_chunks > kMaxChunks) {
       for (int c = 0; c < n_chunks; ++c) fn(c);
       return;
     }
     job_ = &fn;
-    n_chunks_ = n_chunks;
     done_.store(0, std::memory_order_relaxed);
-    // state = (run id << 32) | next chunk; a claim succeeds only for the current run id.
+    // state = (run id << 32) | (chunk count << 16) | next chunk, published at once: a worker
+    // holding the previous, exhausted run's state can claim nothing. (With the count in a
+    // separate variable, a worker could read the old state next to the new count, claim a
+    // chunk that did not exist, and run it with the new job before the run began — and its
+    // completion then counted towards the new run, which could return while a chunk still ran:
+    // a rare corrupted decode step.)
     const uint64_t id = ++run_id_;
-    state_.store(id << 32, std::memory_order_release);
+    state_.store((id << 32) | (uint64_t(n_chunks) << 16), std::memory_order_release);
     {
       std::lock_guard<std::mutex> lk(sleep_mutex_);
       wake_.fetch_add(1, std::memory_order_release);
@@ -122,10 +127,10 @@ class Pool {
   // Claim and run chunks of run `id` until none is left.
   void work(uint64_t id) {
     uint64_t v = state_.load(std::memory_order_acquire);
-    while ((v >> 32) == id && (v & 0xFFFFFFFFu) < uint64_t(n_chunks_)) {
+    while ((v >> 32) == id && (v & 0xFFFFu) < ((v >> 16) & 0xFFFFu)) {
       if (state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) {
         // The run cannot finish before this chunk is done, so job_ is still this run's.
-        (*job_)(static_cast<int>(v & 0xFFFFFFFFu));
+        (*job_)(static_cast<int>(v & 0xFFFFu));
         done_.fetch_add(1, std::memory_order_acq_rel);
         v = state_.load(std::memory_order_acquire);
       }
@@ -181,7 +186,6 @@ class Pool {
   std::atomic<bool> quit_{false};
   uint64_t run_id_ = 0;
   const std::function<void(int)>* job_ = nullptr;
-  int n_chunks_ = 0;
 };
 
 int default_threads() {
