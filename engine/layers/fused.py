@@ -153,23 +153,24 @@ def _plan(layer: Any) -> tuple | None:
     )
 
 
-def _layer_step(kern, h, pos, keys, values, plan, sizes):
+def _layer_step(kern, h, pos, keys, values, plan):
     qkv_args, rest_args = plan
-    q_size, kv_size = sizes
+    hd = qkv_args["head_dim"]
+    q_size, kv_size = qkv_args["n_heads"] * hd, qkv_args["n_kv_heads"] * hd
     qkv = kern.decode_qkv(h, pos, **qkv_args)
     keys = kern.kv_write(keys, qkv, pos, q_size)
     values = kern.kv_write(values, qkv, pos, q_size + kv_size)
     return kern.decode_rest(h, qkv, keys, values, pos, **rest_args), keys, values
 
 
-def _step_function(kern, plans: list, sizes: list):
+def _step_function(kern, plans: list):
     """f(h, pos, k0, v0, k1, v1, ...) -> (h, k0', v0', ...): every layer, weights as constants."""
 
     def step(h, pos, *buffers):
         step.traces += 1  # runs only while MLX traces it (tests read this)
         out = []
-        for i, (plan, size) in enumerate(zip(plans, sizes)):
-            h, k, v = _layer_step(kern, h, pos, buffers[2 * i], buffers[2 * i + 1], plan, size)
+        for i, plan in enumerate(plans):
+            h, k, v = _layer_step(kern, h, pos, buffers[2 * i], buffers[2 * i + 1], plan)
             out += [k, v]
         return (h, *out)
 
@@ -177,7 +178,7 @@ def _step_function(kern, plans: list, sizes: list):
     return step
 
 
-def _compiled_step(layers: list, kern, plans: list, sizes: list):
+def _compiled_step(layers: list, kern, plans: list):
     """The `mx.compile`d step for these plans (when `COMPILE`), kept on the first layer until a
     plan changes.
 
@@ -192,7 +193,7 @@ def _compiled_step(layers: list, kern, plans: list, sizes: list):
     held = layers[0].__dict__.get("_fused_step")
     if held is not None and held[0] == key:
         return held[1]
-    fn = _step_function(kern, plans, sizes)
+    fn = _step_function(kern, plans)
     compiled = mx.compile(fn)
     layers[0].__dict__["_fused_step"] = (key, compiled, fn)  # fn.traces: how often it traced
     return compiled
@@ -214,17 +215,13 @@ def fused_decode(layers: list, h: mx.array, cache: list | None) -> mx.array | No
     plans = [_cached_plan(layer, offset) for layer in layers]
     if any(p is None for p in plans):
         return None
-    sizes = []
-    for layer in layers:
-        attn = layer.self_attn
-        sizes.append((attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim))
     pos = mx.array(offset, dtype=mx.int32)
     buffers = []
-    for layer, c in zip(layers, cache):
-        attn = layer.self_attn
-        buffers += c.take_buffers(attn.n_kv_heads, attn.head_dim, attn.head_dim)
+    for (qkv_args, _), c in zip(plans, cache):
+        hd = qkv_args["head_dim"]
+        buffers += c.take_buffers(qkv_args["n_kv_heads"], hd, hd)
     try:
-        step = _compiled_step(layers, kern, plans, sizes) or _step_function(kern, plans, sizes)
+        step = _compiled_step(layers, kern, plans) or _step_function(kern, plans)
         h, *new = step(h, pos, *buffers)
     except BaseException:
         for i, c in enumerate(cache):  # a kernel refused its arguments: nothing has run

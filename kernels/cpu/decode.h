@@ -151,22 +151,15 @@ inline void matvec(const float* x, const std::vector<Job>& jobs) {
   }
 }
 
-// A row-contiguous float pointer to x (gathered into `keep` when x is strided).
-inline const float* rows_of(const mx::array& x, std::vector<float>& keep) {
-  if (x.flags().row_contiguous && x.dtype() == mx::float32) return x.data<float>();
-  keep = gather_rows(x);
-  return keep.data();
-}
-
 inline int position(const mx::array& pos) { return pos.data<int32_t>()[0]; }
 
 // A primitive that runs Run(inputs, output, spec) on MLX's CPU stream (the inputs as weak copies,
 // kept alive by MLX until the task has run).
 template <typename Spec, void (*Run)(std::vector<mx::array>&, mx::array&, const Spec&)>
-class SpecPrimitive : public mx::UnaryPrimitive {
+class SpecPrimitive : public CpuPrimitive {
  public:
   SpecPrimitive(mx::Stream stream, Spec spec, const char* name)
-      : mx::UnaryPrimitive(stream), s_(spec), name_(name) {}
+      : CpuPrimitive(stream, name), s_(spec) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& enc = begin_eval(stream(), inputs, out);
@@ -176,14 +169,9 @@ class SpecPrimitive : public mx::UnaryPrimitive {
       Run(in, out, s);
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error(std::string("[") + name_ + "] CPU-only primitive");
-  }
-  const char* name() const override { return name_; }
 
  private:
   Spec s_;
-  const char* name_;
 };
 
 struct QkvSpec {
@@ -232,9 +220,9 @@ using DecodeQkv = SpecPrimitive<QkvSpec, run_qkv>;
 // How many kv_write calls had to copy their buffer (not in place): tests and benchmarks read it.
 inline std::atomic<int64_t> kv_write_copies{0};
 
-class KvWrite : public mx::UnaryPrimitive {
+class KvWrite : public CpuPrimitive {
  public:
-  KvWrite(mx::Stream stream, int start) : mx::UnaryPrimitive(stream), start_(start) {}
+  KvWrite(mx::Stream stream, int start) : CpuPrimitive(stream, "LatentKvWrite"), start_(start) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& buf = inputs[0];
@@ -284,10 +272,6 @@ class KvWrite : public mx::UnaryPrimitive {
       clock.mark(kKvWrite);
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[latent kv_write] CPU-only primitive");
-  }
-  const char* name() const override { return "LatentKvWrite"; }
 
  private:
   int start_;

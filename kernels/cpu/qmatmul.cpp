@@ -656,6 +656,26 @@ std::vector<float> gather_rows(const mx::array& x) {
   return x.dtype() == mx::float16 ? gather_as_float<mx::float16_t>(x) : gather_as_float<float>(x);
 }
 
+// A row-contiguous float pointer to x (gathered into `keep` when x is strided).
+inline const float* rows_of(const mx::array& x, std::vector<float>& keep) {
+  if (x.flags().row_contiguous && x.dtype() == mx::float32) return x.data<float>();
+  keep = gather_rows(x);
+  return keep.data();
+}
+
+// What every primitive of ours shares: it runs on the CPU only, under a name.
+class CpuPrimitive : public mx::UnaryPrimitive {
+ public:
+  CpuPrimitive(mx::Stream stream, const char* name) : mx::UnaryPrimitive(stream), name_(name) {}
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string("[") + name_ + "] CPU-only primitive");
+  }
+  const char* name() const override { return name_; }
+
+ private:
+  const char* name_;
+};
+
 // The CPU encoder for a primitive's eval, its one output allocated and its arrays registered.
 mx::cpu::CommandEncoder& begin_eval(
     mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& out) {
@@ -684,10 +704,10 @@ mx::array dequantize_f32(
     const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
     int bits, mx::StreamOrDevice s = {});
 
-class QuantizedRowsMatmul : public mx::UnaryPrimitive {
+class QuantizedRowsMatmul : public CpuPrimitive {
  public:
   QuantizedRowsMatmul(mx::Stream stream, int group_size, int bits)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+      : CpuPrimitive(stream, "LatentQuantizedRowsMatmul"), group_size_(group_size), bits_(bits) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& x = inputs[0];
@@ -704,11 +724,7 @@ class QuantizedRowsMatmul : public mx::UnaryPrimitive {
                   out = mx::array::unsafe_weak_copy(out), M, N, K, g = group_size_,
                   bits = bits_]() mutable {
       std::vector<float> gathered;
-      const float* xd = x.data<float>();
-      if (!x.flags().row_contiguous) {
-        gathered = gather_rows(x);
-        xd = gathered.data();
-      }
+      const float* xd = rows_of(x, gathered);
       with_scale_type(scales.dtype(), [&](auto tag) {
         using S = decltype(tag);
         qmm_rows_impl<S>(
@@ -716,10 +732,6 @@ class QuantizedRowsMatmul : public mx::UnaryPrimitive {
             scales.data<S>(), biases.data<S>(), out.data<float>(), M, N, K, g, bits);
       });
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[latent qmm] CPU-only primitive");
   }
 
   std::vector<mx::array> vjp(
@@ -738,8 +750,6 @@ class QuantizedRowsMatmul : public mx::UnaryPrimitive {
     return grads;
   }
 
-  const char* name() const override { return "LatentQuantizedRowsMatmul"; }
-
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantizedRowsMatmul&>(other);
     return group_size_ == o.group_size_ && bits_ == o.bits_;
@@ -755,10 +765,10 @@ class QuantizedRowsMatmul : public mx::UnaryPrimitive {
   int group_size_, bits_;
 };
 
-class DequantizeF32 : public mx::UnaryPrimitive {
+class DequantizeF32 : public CpuPrimitive {
  public:
   DequantizeF32(mx::Stream stream, int group_size, int bits)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+      : CpuPrimitive(stream, "LatentDequantizeF32"), group_size_(group_size), bits_(bits) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& w = inputs[0];
@@ -781,12 +791,6 @@ class DequantizeF32 : public mx::UnaryPrimitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[latent dequantize] CPU-only primitive");
-  }
-
-  const char* name() const override { return "LatentDequantizeF32"; }
-
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const DequantizeF32&>(other);
     return group_size_ == o.group_size_ && bits_ == o.bits_;
@@ -800,10 +804,10 @@ class DequantizeF32 : public mx::UnaryPrimitive {
   int group_size_, bits_;
 };
 
-class CpuAttention : public mx::UnaryPrimitive {
+class CpuAttention : public CpuPrimitive {
  public:
   CpuAttention(mx::Stream stream, float scale, bool causal)
-      : mx::UnaryPrimitive(stream), scale_(scale), causal_(causal) {}
+      : CpuPrimitive(stream, "LatentCpuAttention"), scale_(scale), causal_(causal) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& enc = begin_eval(stream(), inputs, out);
@@ -812,10 +816,6 @@ class CpuAttention : public mx::UnaryPrimitive {
                   v = mx::array::unsafe_weak_copy(inputs[2]),
                   out = mx::array::unsafe_weak_copy(out), scale = scale_,
                   causal = causal_]() mutable { run(q, k, v, out, scale, causal); });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[latent attention] CPU-only primitive");
   }
 
   std::vector<mx::array> vjp(
@@ -831,8 +831,6 @@ class CpuAttention : public mx::UnaryPrimitive {
     };
     return vjp_through(fn, primals, cotangents, argnums);
   }
-
-  const char* name() const override { return "LatentCpuAttention"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const CpuAttention&>(other);
@@ -1005,9 +1003,9 @@ inline void swiglu_range(const float* g, const float* u, float* o, int64_t a, in
 
 // silu(g) * u, elementwise (the SwiGLU activation): MLX's CPU sigmoid runs a scalar exp at
 // ~30 M elements/s here, which made the activation of a prompt chunk cost as much as its GEMMs.
-class SwiGLU : public mx::UnaryPrimitive {
+class SwiGLU : public CpuPrimitive {
  public:
-  explicit SwiGLU(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  explicit SwiGLU(mx::Stream stream) : CpuPrimitive(stream, "LatentSwiGLU") {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& enc = begin_eval(stream(), inputs, out);
@@ -1015,8 +1013,8 @@ class SwiGLU : public mx::UnaryPrimitive {
                   u = mx::array::unsafe_weak_copy(inputs[1]),
                   out = mx::array::unsafe_weak_copy(out)]() mutable {
       std::vector<float> gk, uk;
-      const float* gd = g.flags().row_contiguous ? g.data<float>() : (gk = gather_rows(g)).data();
-      const float* ud = u.flags().row_contiguous ? u.data<float>() : (uk = gather_rows(u)).data();
+      const float* gd = rows_of(g, gk);
+      const float* ud = rows_of(u, uk);
       float* od = out.data<float>();
       const int64_t n = out.size();
       const int64_t per = 16 * 1024;
@@ -1026,10 +1024,6 @@ class SwiGLU : public mx::UnaryPrimitive {
         swiglu_range(gd, ud, od, a, b);
       });
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[latent swiglu] CPU-only primitive");
   }
 
   std::vector<mx::array> vjp(
@@ -1043,7 +1037,6 @@ class SwiGLU : public mx::UnaryPrimitive {
     return vjp_through(fn, primals, cotangents, argnums);
   }
 
-  const char* name() const override { return "LatentSwiGLU"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {inputs[0].shape()};
@@ -1054,9 +1047,9 @@ class SwiGLU : public mx::UnaryPrimitive {
 // Small per-token ops whose MLX CPU paths are composed graphs (rms_norm ~26 us, rope ~60 us a
 // call here: ~5 ms of an 18 ms decode step over 30 layers): one primitive each.
 // x * rsqrt(mean(x^2) + eps) * weight over the last axis.
-class RmsNorm : public mx::UnaryPrimitive {
+class RmsNorm : public CpuPrimitive {
  public:
-  RmsNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+  RmsNorm(mx::Stream stream, float eps) : CpuPrimitive(stream, "LatentRmsNorm"), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& enc = begin_eval(stream(), inputs, out);
@@ -1064,15 +1057,12 @@ class RmsNorm : public mx::UnaryPrimitive {
                   w = mx::array::unsafe_weak_copy(inputs[1]),
                   out = mx::array::unsafe_weak_copy(out), eps = eps_]() mutable {
       std::vector<float> keep;
-      const float* xd = x.flags().row_contiguous ? x.data<float>() : (keep = gather_rows(x)).data();
+      const float* xd = rows_of(x, keep);
       const float* wd = w.data<float>();
       float* od = out.data<float>();
       const int64_t D = x.shape(-1), rows = x.size() / D;
       for (int64_t r = 0; r < rows; ++r) rms_norm_row(xd + r * D, wd, od + r * D, D, eps);
     });
-  }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[latent rms_norm] CPU-only primitive");
   }
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -1084,7 +1074,6 @@ class RmsNorm : public mx::UnaryPrimitive {
     };
     return vjp_through(fn, primals, cotangents, argnums);
   }
-  const char* name() const override { return "LatentRmsNorm"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return eps_ == static_cast<const RmsNorm&>(other).eps_;
   }
@@ -1098,10 +1087,10 @@ class RmsNorm : public mx::UnaryPrimitive {
 
 // Rotary embedding of (B, H, L, D) at positions offset + l: the first `dims` features rotate
 // in pairs (i, i + dims/2), or (2i, 2i+1) when traditional, by angle p * scale / period[i].
-class Rope : public mx::UnaryPrimitive {
+class Rope : public CpuPrimitive {
  public:
   Rope(mx::Stream stream, int dims, bool traditional, float scale, int offset)
-      : mx::UnaryPrimitive(stream), dims_(dims), traditional_(traditional), scale_(scale),
+      : CpuPrimitive(stream, "LatentRope"), dims_(dims), traditional_(traditional), scale_(scale),
         offset_(offset) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
@@ -1148,9 +1137,6 @@ class Rope : public mx::UnaryPrimitive {
       }
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[latent rope] CPU-only primitive");
-  }
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums, const std::vector<mx::array>&) override {
@@ -1169,7 +1155,6 @@ class Rope : public mx::UnaryPrimitive {
     };
     return vjp_through(fn, primals, cotangents, argnums);
   }
-  const char* name() const override { return "LatentRope"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Rope&>(other);
     return dims_ == o.dims_ && traditional_ == o.traditional_ && scale_ == o.scale_ &&
@@ -1187,16 +1172,16 @@ class Rope : public mx::UnaryPrimitive {
 };
 
 // x - logsumexp(x) over the last axis (the log-probabilities of one step's logits).
-class LogSoftmax : public mx::UnaryPrimitive {
+class LogSoftmax : public CpuPrimitive {
  public:
-  explicit LogSoftmax(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  explicit LogSoftmax(mx::Stream stream) : CpuPrimitive(stream, "LatentLogSoftmax") {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& enc = begin_eval(stream(), inputs, out);
     enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
                   out = mx::array::unsafe_weak_copy(out)]() mutable {
       std::vector<float> keep;
-      const float* xd = x.flags().row_contiguous ? x.data<float>() : (keep = gather_rows(x)).data();
+      const float* xd = rows_of(x, keep);
       float* od = out.data<float>();
       const int64_t V = x.shape(-1), rows = x.size() / V;
       for (int64_t r = 0; r < rows; ++r) {
@@ -1208,9 +1193,6 @@ class LogSoftmax : public mx::UnaryPrimitive {
       }
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[latent log_softmax] CPU-only primitive");
-  }
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums, const std::vector<mx::array>&) override {
@@ -1221,7 +1203,6 @@ class LogSoftmax : public mx::UnaryPrimitive {
     };
     return vjp_through(fn, primals, cotangents, argnums);
   }
-  const char* name() const override { return "LatentLogSoftmax"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {inputs[0].shape()};
